@@ -1,1 +1,32 @@
+//! tqproxy: the public HTTP front end of a machine and the process manager of the workers
+//! behind it, in one binary.
+//!
+//! # Words
+//! - **worker**: a named program with its config (`workers/<name>/worker.yaml`).
+//! - **instance**: one running process of a worker, on its own port, in its own sandbox.
+//! - **generation**: the instances started from one revision of a worker's config.
+//! - **route table**: the immutable snapshot the proxy reads on every request.
+//! - **drain**: unroute an instance, wait for its in-flight requests, then stop it.
+//!
+//! # Modules
+//! - [`config`]: YAML → validated model; every error names file, line and key.
+//! - [`routes`]: the route table and per-instance counters — where proxy and supervisor meet.
+//! - [`proxy`]: `impl ProxyHttp`; knows routes, not processes.
+//! - [`supervisor`]: the single owner of instance state: lifecycle, health, deploys.
+//! - [`sandbox`]: the only `unsafe`: the spawn helper, cgroups, namespaces, seccomp, landlock.
+//! - [`control`]: the JSON protocol over the unix control socket, server and client.
+//! - [`metrics`]: every Prometheus metric.
+//! - [`access_log`], [`timefmt`]: request logging.
+//! - [`server`]: composition root of `tqproxy run`; [`cli`]: the verbs.
 
+pub mod access_log;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;
+pub mod sandbox;
+pub mod server;
+pub mod supervisor;
+pub mod timefmt;

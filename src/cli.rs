@@ -1,0 +1,254 @@
+//! Command line: clap types and one small function per verb.
+//!
+//! Exit codes: 0 = done, 1 = the operation failed (or the config is invalid), 2 = bad usage,
+//! 3 = tqproxy is not running / not reachable.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, Strategy};
+use crate::control::{ControlRequest, ControlResponse, call};
+use crate::supervisor::status::Outcome;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tqproxy",
+    version,
+    about = "HTTP front end and process manager for worker processes"
+)]
+pub struct Cli {
+    /// The global configuration file (relative paths inside it resolve against its directory).
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "TQPROXY_CONFIG",
+        default_value = "conf/tqproxy.yaml"
+    )]
+    pub config: PathBuf,
+    /// Talk to this control socket instead of the one named in the configuration.
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the proxy and every worker (foreground).
+    Run {
+        /// Development: watch worker.yaml files and programs, rebuild and roll on change.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Validate the configuration and every worker.yaml; exit 0 or 1.
+    Check,
+    /// Show workers and instances.
+    Status {
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the number of instances of a worker.
+    Scale { worker: String, instances: u32 },
+    /// Rolling restart of a worker with its current configuration.
+    Restart { worker: String },
+    /// Deploy a worker's configuration from disk as a new generation.
+    Deploy {
+        worker: String,
+        #[arg(long, value_parser = parse_strategy)]
+        strategy: Option<Strategy>,
+    },
+    /// Switch back to the previous generation of a worker.
+    Rollback { worker: String },
+    /// Re-read every configuration file and apply the differences.
+    Reload,
+    /// Stop gracefully: drain requests, stop every instance, exit.
+    Stop {
+        /// How long to wait for tqproxy to exit.
+        #[arg(long, default_value = "120s", value_parser = parse_duration_arg)]
+        timeout: Duration,
+    },
+}
+
+fn parse_strategy(s: &str) -> Result<Strategy, String> {
+    match s {
+        "rolling" => Ok(Strategy::Rolling),
+        "bluegreen" => Ok(Strategy::Bluegreen),
+        _ => Err(format!("`{s}` is not a strategy (rolling or bluegreen)")),
+    }
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(s)
+}
+
+/// Runs the parsed command; returns the exit code.
+pub fn dispatch(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Run { watch } => crate::server::run(&cli.config, watch),
+        Command::Check => check(&cli.config),
+        other => {
+            let socket = match &cli.socket {
+                Some(s) => s.clone(),
+                None => match Config::control_socket_of(&cli.config) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return 3;
+                    }
+                },
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start runtime: {e}");
+                    return 1;
+                }
+            };
+            rt.block_on(client(other, &socket))
+        }
+    }
+}
+
+fn check(path: &Path) -> i32 {
+    match Config::load(path) {
+        Ok(c) => {
+            let mut problems = Vec::new();
+            for w in c.workers.values() {
+                let spec = match &w.sandbox.seccomp {
+                    crate::config::SeccompSetting::Profile(p) => {
+                        crate::sandbox::SeccompSpec::Profile(p.clone())
+                    }
+                    _ => continue,
+                };
+                if let Err(e) = crate::sandbox::check_seccomp(&spec) {
+                    problems.push(format!("{}: sandbox.seccomp: {e}", w.file.display()));
+                }
+            }
+            if !problems.is_empty() {
+                for p in problems {
+                    eprintln!("{p}");
+                }
+                return 1;
+            }
+            println!(
+                "{}: ok ({} worker{}: {})",
+                c.file.display(),
+                c.workers.len(),
+                if c.workers.len() == 1 { "" } else { "s" },
+                c.workers.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+fn print_outcome(o: &Outcome) -> i32 {
+    for l in &o.lines {
+        let mark = if l.ok { "ok" } else { "FAILED" };
+        if l.worker == "-" {
+            println!("{mark}: {}", l.message);
+        } else {
+            println!("{}: {mark}: {}", l.worker, l.message);
+        }
+    }
+    if o.ok { 0 } else { 1 }
+}
+
+async fn client(cmd: Command, socket: &Path) -> i32 {
+    // Deploys wait for readiness and draining, which the server bounds itself.
+    let long = Duration::from_secs(3600);
+    let (req, timeout) = match &cmd {
+        Command::Status { .. } => (ControlRequest::Status {}, Duration::from_secs(10)),
+        Command::Scale { worker, instances } => (
+            ControlRequest::Scale {
+                worker: worker.clone(),
+                instances: *instances,
+            },
+            long,
+        ),
+        Command::Restart { worker } => (
+            ControlRequest::Restart {
+                worker: worker.clone(),
+            },
+            long,
+        ),
+        Command::Deploy { worker, strategy } => (
+            ControlRequest::Deploy {
+                worker: worker.clone(),
+                strategy: *strategy,
+            },
+            long,
+        ),
+        Command::Rollback { worker } => (
+            ControlRequest::Rollback {
+                worker: worker.clone(),
+            },
+            long,
+        ),
+        Command::Reload => (ControlRequest::Reload {}, long),
+        Command::Stop { .. } => (ControlRequest::Stop {}, Duration::from_secs(10)),
+        Command::Run { .. } | Command::Check => unreachable!("handled by dispatch"),
+    };
+    let resp = match call(socket, &req, timeout).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return 3;
+        }
+    };
+    match (cmd, resp) {
+        (Command::Status { json }, ControlResponse::Status(st)) => {
+            if json {
+                match serde_json::to_string_pretty(&st) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return 1;
+                    }
+                }
+            } else {
+                print!("{}", st.render_table());
+            }
+            0
+        }
+        (Command::Stop { timeout }, ControlResponse::Stopping { pid }) => {
+            let started = Instant::now();
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            while nix::sys::signal::kill(pid, None).is_ok() {
+                if started.elapsed() > timeout {
+                    eprintln!(
+                        "tqproxy (pid {pid}) is still running after {}",
+                        humantime::format_duration(timeout)
+                    );
+                    return 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            println!(
+                "stopped (pid {pid}) in {} ms",
+                started.elapsed().as_millis()
+            );
+            0
+        }
+        (_, ControlResponse::Outcome(o)) => print_outcome(&o),
+        (_, ControlResponse::Error { message }) => {
+            eprintln!("error: {message}");
+            1
+        }
+        (_, other) => {
+            eprintln!("unexpected response: {other:?}");
+            1
+        }
+    }
+}

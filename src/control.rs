@@ -1,0 +1,310 @@
+//! The control socket: typed JSON requests from the CLI over a unix socket (mode 0600).
+//!
+//! One request per connection: the client writes one JSON line, the server answers with one
+//! JSON line when the operation has finished (a reload returns when every swap is done).
+//! Malformed or oversized requests get an error response; the connection is then closed.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+
+use crate::config::Strategy;
+use crate::supervisor::status::{Outcome, StatusReport};
+use crate::supervisor::{Request, SupervisorHandle};
+
+/// Largest request accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlRequest {
+    Ping {},
+    Status {},
+    Scale {
+        worker: String,
+        instances: u32,
+    },
+    Restart {
+        worker: String,
+    },
+    Deploy {
+        worker: String,
+        strategy: Option<Strategy>,
+    },
+    Rollback {
+        worker: String,
+    },
+    Reload {},
+    Stop {},
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlResponse {
+    Pong { pid: u32, version: String },
+    Status(StatusReport),
+    Outcome(Outcome),
+    Stopping { pid: u32 },
+    Error { message: String },
+}
+
+/// Serves the control socket until the process exits.
+pub struct ControlService {
+    socket: PathBuf,
+    supervisor: SupervisorHandle,
+    stop: Arc<Notify>,
+}
+
+impl ControlService {
+    pub fn new(socket: PathBuf, supervisor: SupervisorHandle, stop: Arc<Notify>) -> ControlService {
+        ControlService {
+            socket,
+            supervisor,
+            stop,
+        }
+    }
+}
+
+/// Binds the socket (0600), refusing to replace the socket of a live tqproxy.
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!("{} exists and is not a socket", path.display()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "another tqproxy is already running with control socket {}",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
+    }
+    // Create it private from the start: no window in which others could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let l = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let l = l.map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(l)
+}
+
+/// Removes the socket file if it is still the one we created (a newer tqproxy may own the
+/// path after an upgrade).
+pub fn unlink_if_ours(path: &Path, ino: u64) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == ino) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+impl ControlService {
+    pub async fn serve(self, listener: std::os::unix::net::UnixListener) {
+        let listener = match UnixListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "control socket unusable");
+                return;
+            }
+        };
+        tracing::info!(socket = %self.socket.display(), "control socket ready");
+        let me = Arc::new(self);
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let me = me.clone();
+                    tokio::spawn(async move { me.handle(stream).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+        let mut line = String::new();
+        let response = match tokio::time::timeout(
+            Duration::from_secs(10),
+            reader.read_line(&mut line),
+        )
+        .await
+        {
+            Err(_) => ControlResponse::Error {
+                message: "timed out waiting for a request".into(),
+            },
+            Ok(Err(e)) => ControlResponse::Error {
+                message: format!("cannot read request: {e}"),
+            },
+            Ok(Ok(_)) if line.len() > MAX_REQUEST => ControlResponse::Error {
+                message: format!("request larger than {MAX_REQUEST} bytes"),
+            },
+            Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(line.trim()) {
+                Err(e) => ControlResponse::Error {
+                    message: format!("invalid request: {e}"),
+                },
+                Ok(req) => self.dispatch(req).await,
+            },
+        };
+        let mut out = serde_json::to_vec(&response).unwrap_or_else(|e| {
+            format!("{{\"type\":\"error\",\"message\":\"cannot encode response: {e}\"}}")
+                .into_bytes()
+        });
+        out.push(b'\n');
+        let _ = write.write_all(&out).await;
+        let _ = write.shutdown().await;
+    }
+
+    async fn dispatch(&self, req: ControlRequest) -> ControlResponse {
+        let s = &self.supervisor;
+        let outcome = |o: Outcome| ControlResponse::Outcome(o);
+        match req {
+            ControlRequest::Ping {} => ControlResponse::Pong {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            },
+            ControlRequest::Status {} => match s.status().await {
+                Some(st) => ControlResponse::Status(st),
+                None => ControlResponse::Error {
+                    message: "tqproxy is shutting down".into(),
+                },
+            },
+            ControlRequest::Scale { worker, instances } => {
+                if instances > 256 {
+                    return ControlResponse::Error {
+                        message: "at most 256 instances per worker".into(),
+                    };
+                }
+                outcome(s.request(Request::Scale { worker, instances }).await)
+            }
+            ControlRequest::Restart { worker } => {
+                outcome(s.request(Request::Restart { worker }).await)
+            }
+            ControlRequest::Deploy { worker, strategy } => {
+                outcome(s.request(Request::Deploy { worker, strategy }).await)
+            }
+            ControlRequest::Rollback { worker } => {
+                outcome(s.request(Request::Rollback { worker }).await)
+            }
+            ControlRequest::Reload {} => outcome(s.request(Request::Reload).await),
+            ControlRequest::Stop {} => {
+                self.stop.notify_one();
+                ControlResponse::Stopping {
+                    pid: std::process::id(),
+                }
+            }
+        }
+    }
+}
+
+/// Client side: sends one request and waits (up to `timeout`) for the response.
+pub async fn call(
+    socket: &Path,
+    req: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlResponse, String> {
+    let work = async {
+        let stream = UnixStream::connect(socket).await.map_err(|e| {
+            format!(
+                "cannot reach tqproxy at {}: {e} (is it running? start it with `tqproxy run`)",
+                socket.display()
+            )
+        })?;
+        let (read, mut write) = stream.into_split();
+        let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        write
+            .write_all(&line)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let mut reader = BufReader::new(read);
+        let mut resp = String::new();
+        reader
+            .read_line(&mut resp)
+            .await
+            .map_err(|e| format!("receive: {e}"))?;
+        if resp.is_empty() {
+            return Err("tqproxy closed the connection without answering".to_string());
+        }
+        serde_json::from_str::<ControlResponse>(&resp).map_err(|e| format!("bad response: {e}"))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_typed_and_strict() {
+        let r: ControlRequest =
+            serde_json::from_str(r#"{"cmd":"scale","worker":"hello","instances":3}"#).unwrap();
+        assert_eq!(
+            r,
+            ControlRequest::Scale {
+                worker: "hello".into(),
+                instances: 3
+            }
+        );
+        let r: ControlRequest =
+            serde_json::from_str(r#"{"cmd":"deploy","worker":"w","strategy":"bluegreen"}"#)
+                .unwrap();
+        assert_eq!(
+            r,
+            ControlRequest::Deploy {
+                worker: "w".into(),
+                strategy: Some(Strategy::Bluegreen)
+            }
+        );
+        for bad in [
+            r#"{"cmd":"scale","worker":"hello"}"#,
+            r#"{"cmd":"scale","worker":"hello","instances":-1}"#,
+            r#"{"cmd":"explode"}"#,
+            r#"{"cmd":"status","extra":1}"#,
+            r#"{"cmd":"deploy","worker":"w","strategy":"canary"}"#,
+            "not json",
+        ] {
+            assert!(
+                serde_json::from_str::<ControlRequest>(bad).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn bind_refuses_non_sockets_and_sets_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.sock");
+        std::fs::write(&p, "file").unwrap();
+        assert!(bind(&p).unwrap_err().contains("not a socket"));
+        std::fs::remove_file(&p).unwrap();
+        let l = bind(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // a live socket is not replaced
+        assert!(bind(&p).unwrap_err().contains("already running"));
+        drop(l);
+        // a stale one is
+        assert!(bind(&p).is_ok());
+    }
+}

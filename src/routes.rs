@@ -1,0 +1,486 @@
+//! The route table: where the proxy and the supervisor meet.
+//!
+//! The supervisor builds a new immutable [`RouteTable`] whenever the set of routed instances
+//! changes and publishes it with one `ArcSwap::store`; the proxy loads it once per request.
+//! Per-instance counters ([`Instance`]) are shared: the proxy counts in-flight and finished
+//! requests, the supervisor reads them to drain and recycle. Pure data, no I/O.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+
+use crate::metrics::WorkerMetrics;
+
+/// One running instance as the proxy sees it. Shared by the supervisor (which owns the
+/// process) and every route table that lists it.
+#[derive(Debug)]
+pub struct Instance {
+    pub worker: Arc<str>,
+    pub id: u64,
+    pub generation: u64,
+    pub addr: SocketAddr,
+    /// Requests currently proxied to this instance (incremented before connecting,
+    /// decremented when the request is logged). WebSockets count until they close.
+    pub in_flight: AtomicU64,
+    /// Requests finished (for `max_requests` recycling and status).
+    pub requests: AtomicU64,
+    /// Cleared by the supervisor *before* it unpublishes the instance and starts waiting for
+    /// `in_flight` to reach 0. The proxy increments `in_flight` first and checks this flag
+    /// second (both SeqCst), so one of the two always sees the other: a request never lands on
+    /// an instance the supervisor has decided is drained.
+    pub routed: AtomicBool,
+}
+
+impl Instance {
+    pub fn new(worker: Arc<str>, id: u64, generation: u64, addr: SocketAddr) -> Instance {
+        Instance {
+            worker,
+            id,
+            generation,
+            addr,
+            in_flight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            routed: AtomicBool::new(false),
+        }
+    }
+
+    /// Reserve a request slot; fails when the instance is being drained.
+    pub fn try_acquire(&self) -> bool {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.routed.load(Ordering::SeqCst) {
+            true
+        } else {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            false
+        }
+    }
+
+    /// Release a slot taken by [`Self::try_acquire`]; `completed` counts it as a served request.
+    pub fn release(&self, completed: bool) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if completed {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Per-worker settings the proxy needs, copied from the worker's config.
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub queue_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// A worker as one route table sees it: its routed instances and its settings.
+#[derive(Debug)]
+pub struct Backend {
+    pub worker: Arc<str>,
+    pub instances: Vec<Arc<Instance>>,
+    pub settings: BackendSettings,
+    /// Lives as long as the worker (not the table): balancing cursor and metrics.
+    pub shared: Arc<WorkerShared>,
+}
+
+/// Per-worker state that outlives route tables.
+#[derive(Debug)]
+pub struct WorkerShared {
+    pub cursor: AtomicUsize,
+    pub metrics: WorkerMetrics,
+}
+
+impl Backend {
+    /// Least outstanding requests among the routed instances, skipping `exclude`d ids; ties go
+    /// round-robin. Reserves the slot on the chosen instance.
+    pub fn pick(&self, exclude: &[u64]) -> Option<Arc<Instance>> {
+        let n = self.instances.len();
+        if n == 0 {
+            return None;
+        }
+        // Two passes at most: if the chosen instance was just unrouted, try the others.
+        for _ in 0..2 {
+            let start = if n > 1 {
+                self.shared.cursor.fetch_add(1, Ordering::Relaxed) % n
+            } else {
+                0
+            };
+            let mut best: Option<&Arc<Instance>> = None;
+            let mut best_load = u64::MAX;
+            for k in 0..n {
+                let inst = &self.instances[(start + k) % n];
+                if exclude.contains(&inst.id) || !inst.routed.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let load = inst.in_flight.load(Ordering::Relaxed);
+                if load < best_load {
+                    best_load = load;
+                    best = Some(inst);
+                    if load == 0 {
+                        break;
+                    }
+                }
+            }
+            let chosen = best?;
+            if chosen.try_acquire() {
+                return Some(chosen.clone());
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Path prefix without trailing slash (`/` matches everything).
+    pub prefix: Arc<str>,
+    pub strip_prefix: bool,
+    pub backend: Arc<Backend>,
+}
+
+impl Route {
+    /// Whether `path` is under this route's prefix on a segment boundary: `/api` matches
+    /// `/api`, `/api/`, `/api/x`, but not `/apiary`.
+    #[inline]
+    pub fn matches(&self, path: &str) -> bool {
+        let p = &*self.prefix;
+        if p == "/" {
+            return true;
+        }
+        path.starts_with(p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+    }
+
+    /// The path forwarded upstream: the prefix removed when stripping (`/api/x` → `/x`,
+    /// `/api` → `/`). `path_and_query` is the original request target.
+    pub fn upstream_target(&self, path_and_query: &str) -> Option<String> {
+        if !self.strip_prefix || &*self.prefix == "/" {
+            return None;
+        }
+        let rest = &path_and_query[self.prefix.len()..];
+        if rest.is_empty() || rest.starts_with('?') {
+            Some(format!("/{rest}"))
+        } else {
+            Some(rest.to_string())
+        }
+    }
+}
+
+/// Routes of one host (or of any host), longest prefix first.
+#[derive(Debug, Default, Clone)]
+pub struct HostRoutes {
+    routes: Vec<Route>,
+}
+
+impl HostRoutes {
+    fn push(&mut self, r: Route) {
+        self.routes.push(r);
+        self.routes.sort_by(|a, b| {
+            b.prefix
+                .len()
+                .cmp(&a.prefix.len())
+                .then(a.prefix.cmp(&b.prefix))
+        });
+    }
+
+    #[inline]
+    fn lookup(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(path))
+    }
+}
+
+/// The immutable snapshot read on every request.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    exact_hosts: HashMap<String, HostRoutes>,
+    /// `*.example.com` routes, stored as `.example.com`.
+    wildcard_hosts: Vec<(String, HostRoutes)>,
+    any_host: HostRoutes,
+    pub version: u64,
+}
+
+impl RouteTable {
+    pub fn new(version: u64) -> RouteTable {
+        RouteTable {
+            version,
+            ..Default::default()
+        }
+    }
+
+    pub fn add(&mut self, host: Option<&str>, route: Route) {
+        match host {
+            None => self.any_host.push(route),
+            Some(h) => {
+                if let Some(suffix) = h.strip_prefix('*') {
+                    match self.wildcard_hosts.iter_mut().find(|(s, _)| s == suffix) {
+                        Some((_, hr)) => hr.push(route),
+                        None => {
+                            let mut hr = HostRoutes::default();
+                            hr.push(route);
+                            self.wildcard_hosts.push((suffix.to_string(), hr));
+                            self.wildcard_hosts
+                                .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+                        }
+                    }
+                } else {
+                    self.exact_hosts
+                        .entry(h.to_string())
+                        .or_default()
+                        .push(route)
+                }
+            }
+        }
+    }
+
+    /// Host first (exact, then the longest wildcard), then the longest path prefix; routes
+    /// without a host are the fallback. `host` may carry a port and any case.
+    pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        if let Some(h) = host
+            && (!self.exact_hosts.is_empty() || !self.wildcard_hosts.is_empty())
+        {
+            let h = strip_port(h);
+            let found = if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                self.lookup_host(&h.to_ascii_lowercase(), path)
+            } else {
+                self.lookup_host(h, path)
+            };
+            if found.is_some() {
+                return found;
+            }
+        }
+        self.any_host.lookup(path)
+    }
+
+    fn lookup_host(&self, host: &str, path: &str) -> Option<&Route> {
+        if let Some(r) = self.exact_hosts.get(host).and_then(|hr| hr.lookup(path)) {
+            return Some(r);
+        }
+        self.wildcard_hosts
+            .iter()
+            .filter(|(suffix, _)| host.ends_with(suffix.as_str()) && host.len() > suffix.len())
+            .find_map(|(_, hr)| hr.lookup(path))
+    }
+
+    /// Every backend in the table (a worker with several routes appears once).
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        let mut out: Vec<Arc<Backend>> = Vec::new();
+        let all = self
+            .exact_hosts
+            .values()
+            .chain(self.wildcard_hosts.iter().map(|(_, h)| h))
+            .chain(std::iter::once(&self.any_host));
+        for hr in all {
+            for r in &hr.routes {
+                if !out.iter().any(|b| Arc::ptr_eq(b, &r.backend)) {
+                    out.push(r.backend.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [::1]:8080
+        return match host.find(']') {
+            Some(i) => &host[..=i],
+            None => host,
+        };
+    }
+    match host.rfind(':') {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+/// The published route table plus a wake-up for requests waiting for a ready instance.
+pub struct RouteHandle {
+    table: ArcSwap<RouteTable>,
+    changed: Notify,
+}
+
+impl Default for RouteHandle {
+    fn default() -> Self {
+        RouteHandle {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            changed: Notify::new(),
+        }
+    }
+}
+
+impl RouteHandle {
+    pub fn new() -> Arc<RouteHandle> {
+        Arc::new(RouteHandle::default())
+    }
+
+    #[inline]
+    pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.table.load()
+    }
+
+    pub fn load_full(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    /// Publishes a new table (one store) and wakes queued requests.
+    pub fn store(&self, table: RouteTable) {
+        self.table.store(Arc::new(table));
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves at the next [`Self::store`]. Create it *before* re-checking the table to not
+    /// miss a store in between.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(name: &str, ports: &[u16]) -> Arc<Backend> {
+        let worker: Arc<str> = name.into();
+        Arc::new(Backend {
+            worker: worker.clone(),
+            instances: ports
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let inst = Instance::new(
+                        worker.clone(),
+                        i as u64 + 1,
+                        1,
+                        SocketAddr::from(([127, 0, 0, 1], *p)),
+                    );
+                    inst.routed.store(true, Ordering::SeqCst);
+                    Arc::new(inst)
+                })
+                .collect(),
+            settings: BackendSettings {
+                connect_timeout: Duration::from_secs(1),
+                read_timeout: Duration::from_secs(1),
+                queue_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+            },
+            shared: Arc::new(WorkerShared {
+                cursor: AtomicUsize::new(0),
+                metrics: WorkerMetrics::detached(name),
+            }),
+        })
+    }
+
+    fn route(prefix: &str, strip: bool, b: &Arc<Backend>) -> Route {
+        Route {
+            prefix: prefix.into(),
+            strip_prefix: strip,
+            backend: b.clone(),
+        }
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundary() {
+        let root = backend("root", &[9000]);
+        let api = backend("api", &[9001]);
+        let mut t = RouteTable::new(1);
+        t.add(None, route("/", false, &root));
+        t.add(None, route("/api", false, &api));
+        let w = |p: &str| t.lookup(None, p).map(|r| r.backend.worker.to_string());
+        assert_eq!(w("/api").as_deref(), Some("api"));
+        assert_eq!(w("/api/").as_deref(), Some("api"));
+        assert_eq!(w("/api/x/y").as_deref(), Some("api"));
+        assert_eq!(w("/apiary").as_deref(), Some("root"));
+        assert_eq!(w("/").as_deref(), Some("root"));
+        assert_eq!(w("/other").as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn no_match_without_root_route() {
+        let api = backend("api", &[9001]);
+        let mut t = RouteTable::new(1);
+        t.add(None, route("/api", false, &api));
+        assert!(t.lookup(None, "/").is_none());
+        assert!(t.lookup(None, "/apix").is_none());
+    }
+
+    #[test]
+    fn hosts_before_paths_with_fallback() {
+        let any = backend("any", &[9000]);
+        let ex = backend("ex", &[9001]);
+        let wild = backend("wild", &[9002]);
+        let mut t = RouteTable::new(1);
+        t.add(None, route("/", false, &any));
+        t.add(Some("api.example.com"), route("/v1", false, &ex));
+        t.add(Some("*.example.com"), route("/", false, &wild));
+        let w = |h: &str, p: &str| t.lookup(Some(h), p).map(|r| r.backend.worker.to_string());
+        assert_eq!(w("api.example.com", "/v1/x").as_deref(), Some("ex"));
+        assert_eq!(w("API.Example.com:8080", "/v1").as_deref(), Some("ex"));
+        // host matches but no path under it: the wildcard host, then the any-host fallback
+        assert_eq!(w("api.example.com", "/v2").as_deref(), Some("wild"));
+        assert_eq!(w("www.example.com", "/").as_deref(), Some("wild"));
+        assert_eq!(w("example.com", "/").as_deref(), Some("any"));
+        assert_eq!(w("other.org", "/v1").as_deref(), Some("any"));
+        assert_eq!(w("[::1]:8080", "/").as_deref(), Some("any"));
+    }
+
+    #[test]
+    fn strip_prefix_keeps_query() {
+        let b = backend("b", &[9000]);
+        let r = route("/api", true, &b);
+        assert_eq!(r.upstream_target("/api/x?q=1").as_deref(), Some("/x?q=1"));
+        assert_eq!(r.upstream_target("/api").as_deref(), Some("/"));
+        assert_eq!(r.upstream_target("/api?q").as_deref(), Some("/?q"));
+        assert_eq!(route("/api", false, &b).upstream_target("/api/x"), None);
+        assert_eq!(route("/", true, &b).upstream_target("/x"), None);
+    }
+
+    #[test]
+    fn least_outstanding_and_exclusion() {
+        let b = backend("b", &[9000, 9001, 9002]);
+        b.instances[0].in_flight.store(5, Ordering::SeqCst);
+        b.instances[1].in_flight.store(1, Ordering::SeqCst);
+        b.instances[2].in_flight.store(3, Ordering::SeqCst);
+        let p = b.pick(&[]).unwrap();
+        assert_eq!(p.id, 2);
+        assert_eq!(p.in_flight(), 2);
+        let p = b.pick(&[2]).unwrap();
+        assert_eq!(p.id, 3);
+        assert!(b.pick(&[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn ties_are_spread_round_robin() {
+        let b = backend("b", &[9000, 9001, 9002]);
+        let mut seen = [0u32; 3];
+        for _ in 0..30 {
+            let p = b.pick(&[]).unwrap();
+            seen[(p.id - 1) as usize] += 1;
+            p.release(true);
+        }
+        assert_eq!(seen, [10, 10, 10]);
+    }
+
+    #[test]
+    fn unrouted_instance_is_never_acquired() {
+        let b = backend("b", &[9000, 9001]);
+        b.instances[0].routed.store(false, Ordering::SeqCst);
+        for _ in 0..10 {
+            let p = b.pick(&[]).unwrap();
+            assert_eq!(p.id, 2);
+            p.release(true);
+        }
+        b.instances[1].routed.store(false, Ordering::SeqCst);
+        assert!(b.pick(&[]).is_none());
+        assert_eq!(b.instances[0].in_flight(), 0);
+        assert_eq!(b.instances[1].in_flight(), 0);
+    }
+}

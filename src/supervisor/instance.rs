@@ -1,0 +1,350 @@
+//! One instance's process: spawn it through the sandbox helper, watch it become ready, check
+//! its liveness, stop it (SIGTERM, then SIGKILL of the whole tree), and report facts to the
+//! supervisor. The supervisor decides what the facts mean.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tokio::process::Child;
+use tokio::sync::mpsc;
+
+use super::Msg;
+use super::health;
+use super::logs::{Tail, WorkerLog};
+use crate::config::WorkerConfig;
+use crate::sandbox::cgroup::InstanceCgroup;
+use crate::sandbox::{HELPER_FAILED, SpawnIo, SpawnSpec, Spawner};
+
+/// What the supervisor tells a running instance.
+#[derive(Debug)]
+pub enum Ctl {
+    /// SIGTERM now, SIGKILL of the whole tree after `timeout`.
+    Stop { timeout: Duration },
+    /// SIGKILL of the whole tree now.
+    Kill,
+}
+
+/// Facts an instance reports (wrapped in [`Msg::Instance`]).
+#[derive(Debug)]
+pub enum Fact {
+    Spawned {
+        pid: u32,
+    },
+    Ready {
+        after: Duration,
+    },
+    StartFailed {
+        reason: String,
+    },
+    Unhealthy {
+        reason: String,
+    },
+    Exited {
+        status: String,
+        crashed: bool,
+        oom_kills: u64,
+    },
+}
+
+/// Everything needed to start one instance.
+pub struct Launch {
+    pub worker: Arc<str>,
+    pub id: u64,
+    pub generation: u64,
+    pub port: u16,
+    pub listener: Option<std::net::TcpListener>,
+    pub config: Arc<WorkerConfig>,
+    pub spec: SpawnSpec,
+    pub cgroup: Option<Arc<InstanceCgroup>>,
+    pub log: WorkerLog,
+    pub tail: Tail,
+    /// Monotonic per instance record: facts of an older process of the same slot are ignored.
+    pub epoch: u64,
+}
+
+/// Spawns the process (synchronously, on the caller's thread: that thread is the parent for
+/// PR_SET_PDEATHSIG, so it must be the supervisor's long-lived runtime thread) and starts the
+/// monitor task.
+pub fn launch(
+    spawner: &Spawner,
+    l: Launch,
+    to_supervisor: mpsc::UnboundedSender<Msg>,
+) -> Result<mpsc::UnboundedSender<Ctl>, String> {
+    let io = SpawnIo {
+        stdout: Stdio::piped(),
+        stderr: Stdio::piped(),
+        listen: l.listener.map(OwnedFd::from),
+    };
+    let mut child = spawner
+        .spawn(&l.spec, io)
+        .map_err(|e| format!("cannot start {}: {e}", l.spec.program.display()))?;
+    // The listening socket now lives in the child; our copy was dropped with `io`.
+    let pid = child.id().unwrap_or(0);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(
+            l.log
+                .clone()
+                .pump(out, l.id, l.generation, "out", l.tail.clone()),
+        );
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(
+            l.log
+                .clone()
+                .pump(err, l.id, l.generation, "err", l.tail.clone()),
+        );
+    }
+    l.log.event(
+        l.id,
+        &format!(
+            "started pid {pid} port {} generation {}",
+            l.port, l.generation
+        ),
+    );
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let report = Reporter {
+        tx: to_supervisor,
+        worker: l.worker.clone(),
+        id: l.id,
+        epoch: l.epoch,
+    };
+    report.send(Fact::Spawned { pid });
+    let monitor = Monitor {
+        addr: SocketAddr::from(([127, 0, 0, 1], l.port)),
+        config: l.config,
+        cgroup: l.cgroup,
+        tail: l.tail,
+        log: l.log,
+        id: l.id,
+        pid,
+        report,
+    };
+    tokio::spawn(monitor.run(child, ctl_rx));
+    Ok(ctl_tx)
+}
+
+struct Reporter {
+    tx: mpsc::UnboundedSender<Msg>,
+    worker: Arc<str>,
+    id: u64,
+    epoch: u64,
+}
+
+impl Reporter {
+    fn send(&self, fact: Fact) {
+        let _ = self.tx.send(Msg::Instance {
+            worker: self.worker.clone(),
+            id: self.id,
+            epoch: self.epoch,
+            fact,
+        });
+    }
+}
+
+struct Monitor {
+    addr: SocketAddr,
+    config: Arc<WorkerConfig>,
+    cgroup: Option<Arc<InstanceCgroup>>,
+    tail: Tail,
+    log: WorkerLog,
+    id: u64,
+    pid: u32,
+    report: Reporter,
+}
+
+enum Phase {
+    Starting { since: Instant },
+    Live { failures: u32, reported: bool },
+    Stopping,
+}
+
+impl Monitor {
+    async fn run(self, mut child: Child, mut ctl: mpsc::UnboundedReceiver<Ctl>) {
+        let health = &self.config.health;
+        let mut phase = Phase::Starting {
+            since: Instant::now(),
+        };
+        // Readiness is polled quickly (a new version should serve within milliseconds of
+        // being able to); liveness at the configured interval.
+        let mut poll = Duration::from_millis(20);
+        let mut next_check = tokio::time::Instant::now() + poll;
+        let mut kill_deadline: Option<tokio::time::Instant> = None;
+        let start_deadline = tokio::time::Instant::now() + self.config.start_timeout;
+        let status = loop {
+            let check_at = match phase {
+                Phase::Stopping => kill_deadline.unwrap_or_else(far_future),
+                _ => next_check,
+            };
+            tokio::select! {
+                st = child.wait() => break st,
+                cmd = ctl.recv() => match cmd {
+                    Some(Ctl::Stop { timeout }) => {
+                        if !matches!(phase, Phase::Stopping) {
+                            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
+                            kill_deadline = Some(tokio::time::Instant::now() + timeout);
+                            phase = Phase::Stopping;
+                        }
+                    }
+                    Some(Ctl::Kill) => {
+                        self.kill_tree();
+                        phase = Phase::Stopping;
+                        kill_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+                    }
+                    None => {
+                        // The supervisor is gone (tqproxy is exiting): nothing may outlive it.
+                        self.kill_tree();
+                        phase = Phase::Stopping;
+                        kill_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+                    }
+                },
+                _ = tokio::time::sleep_until(check_at) => match &mut phase {
+                    Phase::Stopping => {
+                        self.log.event(self.id, "did not exit after SIGTERM: killing the process tree");
+                        self.kill_tree();
+                        kill_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+                    }
+                    Phase::Starting { since } => {
+                        match health::probe(self.addr, health.path.as_deref(), health.timeout.min(Duration::from_secs(2))).await {
+                            Ok(()) => {
+                                self.report.send(Fact::Ready { after: since.elapsed() });
+                                phase = Phase::Live { failures: 0, reported: false };
+                                next_check = tokio::time::Instant::now() + health.interval;
+                            }
+                            Err(e) => {
+                                if tokio::time::Instant::now() >= start_deadline {
+                                    let reason = format!(
+                                        "not ready within {} (last check: {e}){}",
+                                        humantime::format_duration(self.config.start_timeout),
+                                        self.last_output()
+                                    );
+                                    self.report.send(Fact::StartFailed { reason });
+                                    // The supervisor will stop it; keep watching.
+                                    phase = Phase::Live { failures: 0, reported: true };
+                                    next_check = far_future();
+                                } else {
+                                    poll = (poll * 3 / 2).min(Duration::from_millis(250)).min(health.interval.max(Duration::from_millis(20)));
+                                    next_check = tokio::time::Instant::now() + poll;
+                                }
+                            }
+                        }
+                    }
+                    Phase::Live { failures, reported } => {
+                        match health::probe(self.addr, health.path.as_deref(), health.timeout).await {
+                            Ok(()) => *failures = 0,
+                            Err(e) => {
+                                *failures += 1;
+                                if *failures >= health.unhealthy_after && !*reported {
+                                    *reported = true;
+                                    self.report.send(Fact::Unhealthy {
+                                        reason: format!("{} consecutive failed health checks, last: {e}", failures),
+                                    });
+                                }
+                            }
+                        }
+                        next_check = tokio::time::Instant::now() + health.interval;
+                    }
+                },
+            }
+        };
+        let was_stopping = matches!(phase, Phase::Stopping);
+        let was_starting = matches!(phase, Phase::Starting { .. });
+        // The main process is gone; whatever it left behind goes too.
+        self.kill_tree();
+        let oom_kills = self
+            .cgroup
+            .as_ref()
+            .and_then(|c| c.oom_kills())
+            .unwrap_or(0);
+        if let Some(cg) = &self.cgroup {
+            // Give the kernel a moment to finish tearing down killed processes.
+            for _ in 0..50 {
+                if cg.pids().is_empty() {
+                    break;
+                }
+                let _ = cg.kill_all();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Err(e) = cg.remove() {
+                tracing::warn!(instance = self.id, error = %e, "cgroup not removed");
+            }
+        }
+        let description = match &status {
+            Ok(st) => describe(st, &self.tail),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        let crashed = !was_stopping;
+        if was_starting {
+            self.report.send(Fact::StartFailed {
+                reason: format!("{description} before becoming ready{}", self.last_output()),
+            });
+        }
+        self.log.event(self.id, &format!("exited: {description}"));
+        self.report.send(Fact::Exited {
+            status: description,
+            crashed,
+            oom_kills,
+        });
+    }
+
+    fn last_output(&self) -> String {
+        let lines = self.tail.last(3);
+        if lines.is_empty() {
+            String::new()
+        } else {
+            format!("; last output: {}", lines.join(" | "))
+        }
+    }
+
+    /// SIGKILL to the process group (the helper made itself a session leader) and to every
+    /// process in the instance's cgroup (which also catches processes that left the group).
+    fn kill_tree(&self) {
+        if self.pid > 0 {
+            let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+        if let Some(cg) = &self.cgroup
+            && let Err(e) = cg.kill_all()
+        {
+            tracing::warn!(instance = self.id, error = %e, "cgroup kill failed");
+        }
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+/// "exited with code 3", "killed by SIGKILL", "sandbox setup failed: …".
+fn describe(st: &ExitStatus, tail: &Tail) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = st.code() {
+        if code == HELPER_FAILED
+            && let Some(line) = tail
+                .last(20)
+                .into_iter()
+                .rev()
+                .find(|l| l.starts_with("tqproxy-sandbox:"))
+        {
+            return format!("sandbox setup failed ({line})");
+        }
+        return format!("exited with code {code}");
+    }
+    if let Some(sig) = st.signal() {
+        let name =
+            Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.as_str().to_string());
+        return format!(
+            "killed by {name}{}",
+            if st.core_dumped() {
+                " (core dumped)"
+            } else {
+                ""
+            }
+        );
+    }
+    "exited".to_string()
+}

@@ -1,0 +1,286 @@
+//! Worker output: every instance's stdout and stderr, line by line, into `logs/<worker>.log`,
+//! each line tagged with the time, the instance and the stream; rotated by size.
+//!
+//! One writer thread per worker owns the file (so a slow disk never stalls the supervisor's
+//! runtime); instances send it lines through a channel. The last lines of each instance are
+//! also kept in memory so a failed start can say why.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+
+use crate::timefmt::rfc3339_millis;
+
+/// Longest line kept; longer output is split.
+const MAX_LINE: usize = 16 * 1024;
+/// Lines of recent output kept per instance.
+const TAIL_LINES: usize = 20;
+
+enum Msg {
+    Line(String),
+    Close,
+}
+
+/// The log of one worker. Cloning shares the writer.
+#[derive(Clone)]
+pub struct WorkerLog {
+    tx: mpsc::Sender<Msg>,
+    path: PathBuf,
+}
+
+impl WorkerLog {
+    /// Opens (appending) `dir/<worker>.log` and starts its writer thread.
+    pub fn open(dir: &Path, worker: &str, max_size: u64, keep: u32) -> std::io::Result<WorkerLog> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{worker}.log"));
+        let file = open_append(&path)?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            path: path.clone(),
+            out: BufWriter::with_capacity(64 * 1024, file),
+            size,
+            max_size,
+            keep,
+        };
+        std::thread::Builder::new()
+            .name(format!("log-{worker}"))
+            .spawn(move || writer.run(rx))?;
+        Ok(WorkerLog { tx, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A line written by tqproxy itself about this worker (start, exit, …).
+    pub fn event(&self, instance: u64, message: &str) {
+        let line = format!(
+            "{} #{instance} tqproxy| {message}\n",
+            rfc3339_millis(SystemTime::now())
+        );
+        let _ = self.tx.send(Msg::Line(line));
+    }
+
+    /// Flushes and closes the file (the worker was removed).
+    pub fn close(&self) {
+        let _ = self.tx.send(Msg::Close);
+    }
+
+    /// Copies one stream of an instance into the log until EOF, keeping the last lines in
+    /// `tail`.
+    pub async fn pump<R: AsyncRead + Unpin>(
+        self,
+        stream: R,
+        instance: u64,
+        generation: u64,
+        which: &'static str,
+        tail: Tail,
+    ) {
+        let mut reader = BufReader::with_capacity(8 * 1024, stream);
+        let mut buf = Vec::with_capacity(256);
+        loop {
+            buf.clear();
+            let n = match read_line_bounded(&mut reader, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let text = String::from_utf8_lossy(&buf[..n]);
+            let text = text.trim_end_matches(['\n', '\r']);
+            tail.push(text);
+            let line = format!(
+                "{} #{instance} g{generation} {which}| {text}\n",
+                rfc3339_millis(SystemTime::now())
+            );
+            if self.tx.send(Msg::Line(line)).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Reads up to a newline or [`MAX_LINE`] bytes.
+async fn read_line_bounded<R: AsyncBufReadExt + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    loop {
+        let available = r.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(buf.len());
+        }
+        let room = MAX_LINE - buf.len();
+        let take = available.len().min(room);
+        if let Some(i) = available[..take].iter().position(|&b| b == b'\n') {
+            buf.extend_from_slice(&available[..=i]);
+            r.consume(i + 1);
+            return Ok(buf.len());
+        }
+        buf.extend_from_slice(&available[..take]);
+        r.consume(take);
+        if buf.len() >= MAX_LINE {
+            return Ok(buf.len());
+        }
+    }
+}
+
+/// The last lines an instance wrote.
+#[derive(Clone, Default)]
+pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+
+impl Tail {
+    fn push(&self, line: &str) {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == TAIL_LINES {
+            q.pop_front();
+        }
+        q.push_back(line.chars().take(300).collect());
+    }
+
+    /// The last `n` lines, oldest first.
+    pub fn last(&self, n: usize) -> Vec<String> {
+        let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().skip(q.len().saturating_sub(n)).cloned().collect()
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+struct Writer {
+    path: PathBuf,
+    out: BufWriter<File>,
+    size: u64,
+    max_size: u64,
+    keep: u32,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Msg::Line(l)) => self.write(&l),
+                Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
+                    let _ = self.out.flush();
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.out.flush();
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, line: &str) {
+        if self.max_size > 0 && self.size + line.len() as u64 > self.max_size {
+            self.rotate();
+        }
+        if self.out.write_all(line.as_bytes()).is_ok() {
+            self.size += line.len() as u64;
+        }
+    }
+
+    /// `w.log` → `w.log.1` → … → `w.log.<keep>` (dropped).
+    fn rotate(&mut self) {
+        let _ = self.out.flush();
+        let name = |i: u32| PathBuf::from(format!("{}.{i}", self.path.display()));
+        if self.keep == 0 {
+            let _ = std::fs::remove_file(&self.path);
+        } else {
+            let _ = std::fs::remove_file(name(self.keep));
+            for i in (1..self.keep).rev() {
+                let _ = std::fs::rename(name(i), name(i + 1));
+            }
+            let _ = std::fs::rename(&self.path, name(1));
+        }
+        match open_append(&self.path) {
+            Ok(f) => {
+                self.out = BufWriter::with_capacity(64 * 1024, f);
+                self.size = 0;
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot reopen worker log")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_for(path: &Path, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = std::fs::read_to_string(path).unwrap_or_default();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "log never matched; it holds:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_are_tagged_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = WorkerLog::open(dir.path(), "w", 0, 3).unwrap();
+        let tail = Tail::default();
+        let input: &[u8] = b"first\nsecond\r\nno newline at end";
+        log.clone().pump(input, 7, 2, "err", tail.clone()).await;
+        let s = wait_for(log.path(), |s| s.lines().count() == 3);
+        let lines: Vec<&str> = s.lines().collect();
+        assert!(lines[0].ends_with(" #7 g2 err| first"), "{}", lines[0]);
+        assert!(lines[1].ends_with(" #7 g2 err| second"));
+        assert!(lines[2].ends_with("| no newline at end"));
+        assert_eq!(
+            tail.last(2),
+            vec!["second".to_string(), "no newline at end".to_string()]
+        );
+        log.close();
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = WorkerLog::open(dir.path(), "w", 0, 3).unwrap();
+        let input = vec![b'x'; MAX_LINE + 10];
+        log.clone()
+            .pump(&input[..], 1, 1, "out", Tail::default())
+            .await;
+        let s = wait_for(log.path(), |s| s.lines().count() == 2);
+        assert!(s.lines().nth(1).unwrap().ends_with("| xxxxxxxxxx"));
+    }
+
+    #[test]
+    fn rotates_by_size_and_keeps_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = WorkerLog::open(dir.path(), "w", 1000, 2).unwrap();
+        for i in 0..100 {
+            log.event(
+                1,
+                &format!("event number {i:03} with some padding to fill the file"),
+            );
+        }
+        log.close();
+        let p = dir.path().join("w.log");
+        wait_for(&p, |s| s.contains("event number 099"));
+        assert!(dir.path().join("w.log.1").exists());
+        assert!(dir.path().join("w.log.2").exists());
+        assert!(!dir.path().join("w.log.3").exists());
+        for f in ["w.log", "w.log.1", "w.log.2"] {
+            let len = std::fs::metadata(dir.path().join(f)).unwrap().len();
+            assert!(len <= 1000, "{f} is {len} bytes");
+        }
+    }
+}
