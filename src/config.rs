@@ -136,6 +136,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes.round() as u64)
 }
 
+/// A size in the units the configuration uses (`512M`, `1G`, `1536K`, `1000`).
+pub fn fmt_size(n: u64) -> String {
+    for (unit, m) in [
+        ("T", 1u64 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ] {
+        if n >= m && n % m == 0 {
+            return format!("{}{unit}", n / m);
+        }
+    }
+    n.to_string()
+}
+
 /// Accepts a YAML string or number and returns it as text (so `port: 8080` and sizes like
 /// `4096` both work).
 fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -1243,7 +1258,7 @@ fn load_worker(dir: &Path, defaults: &Defaults) -> Result<Option<WorkerConfig>, 
     if let (Some(r), Some(m)) = (recycle_memory, resources.memory)
         && r >= m
     {
-        errors.push(ctx.err(&["recycle_memory"], None, "recycle_memory", format!("{} is not below resources.memory ({}); the kernel would OOM-kill the instance before tqproxy recycles it", bytesize::ByteSize(r).display().iec(), bytesize::ByteSize(m).display().iec())));
+        errors.push(ctx.err(&["recycle_memory"], None, "recycle_memory", format!("{} is not below resources.memory ({}); the kernel would OOM-kill the instance before tqproxy recycles it", fmt_size(r), fmt_size(m))));
     }
 
     let w = WorkerConfig {
@@ -1701,15 +1716,27 @@ fn parse_yaml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let line = inner.location().map(|l| l.line());
+        // serde_yaml reports where the *value* failed; for a value under a known key we
+        // prefer the key's own line (serde points at the enclosing mapping for some errors).
+        let keys: Vec<&str> = path
+            .split('.')
+            .map(|k| k.split('[').next().unwrap_or(k))
+            .filter(|k| !k.is_empty() && *k != "?")
+            .collect();
+        let line = locate(text, &keys, None).or_else(|| inner.location().map(|l| l.line()));
         let mut message = inner.to_string();
-        // serde_yaml appends " at line L column C" and prefixes the parent path; we report both
+        // serde_yaml appends " at line L column C" and prefixes the path; we report both
         // ourselves, so strip them.
         if let Some(i) = message.rfind(" at line ") {
-            message.truncate(i);
+            if !message[i..].contains(", ") {
+                message.truncate(i);
+            }
         }
-        if let Some(rest) = message.strip_prefix(&format!("{}: ", parent_path(&path))) {
-            message = rest.to_string();
+        for prefix in [format!("{path}: "), format!("{}: ", parent_path(&path))] {
+            if let Some(rest) = message.strip_prefix(&prefix) {
+                message = rest.to_string();
+                break;
+            }
         }
         ConfigError {
             file: file.to_path_buf(),

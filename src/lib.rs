@@ -15,11 +15,12 @@
 //! - [`supervisor`]: the single owner of instance state: lifecycle, health, deploys.
 //! - [`sandbox`]: the only `unsafe`: the spawn helper, cgroups, namespaces, seccomp, landlock.
 //! - [`control`]: the JSON protocol over the unix control socket, server and client.
-//! - [`metrics`]: every Prometheus metric.
+//! - [`metrics`]: every Prometheus metric; [`admin`]: /metrics, /status, /healthz.
 //! - [`access_log`], [`timefmt`]: request logging.
 //! - [`server`]: composition root of `tqproxy run`; [`cli`]: the verbs.
 
 pub mod access_log;
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;

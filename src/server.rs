@@ -17,6 +17,7 @@ use pingora::services::background::background_service;
 use tokio::sync::Notify;
 
 use crate::access_log::AccessLog;
+use crate::admin::Admin;
 use crate::config::{Config, LogFormat};
 use crate::control::{self, ControlService};
 use crate::proxy::Proxy;
@@ -197,6 +198,14 @@ pub fn run(config_path: &Path, _watch: bool) -> i32 {
         proxy.add_tcp(&addr.to_string());
     }
     let proxy_handle = server.add_service(proxy);
+    if let Some(addr) = config.admin {
+        let mut admin = pingora::services::listening::Service::new(
+            "admin".to_string(),
+            Admin::new(sup_handle.clone()),
+        );
+        admin.add_tcp(&addr.to_string());
+        server.add_service(admin);
+    }
     // Listen only once the workers are up: no connection is accepted that could not be served.
     proxy_handle.add_dependency(&sup_service);
 

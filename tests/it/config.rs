@@ -1,0 +1,298 @@
+//! `tqproxy check`: every kind of bad configuration is rejected with a message naming the
+//! file, the line and the key. A table of inputs → expected message.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::harness::TQPROXY;
+
+fn check(dir: &Path) -> (i32, String) {
+    let o = Command::new(TQPROXY)
+        .arg("check")
+        .arg("-c")
+        .arg(dir.join("conf/tqproxy.yaml"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.code().unwrap_or(-1), text)
+}
+
+/// A minimal valid installation; returns its directory.
+fn install(global: &str, workers: &[(&str, &str)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("conf")).unwrap();
+    std::fs::write(d.path().join("conf/tqproxy.yaml"), global).unwrap();
+    for (name, yaml) in workers {
+        let wd = d.path().join("workers").join(name);
+        std::fs::create_dir_all(&wd).unwrap();
+        std::fs::write(wd.join("worker.yaml"), yaml).unwrap();
+    }
+    d
+}
+
+const GLOBAL: &str = "listen: [\"127.0.0.1:18080\"]\n";
+const OK_WORKER: &str = "command: [\"/bin/true\"]\nroutes: [\"/\"]\n";
+
+#[test]
+fn a_valid_configuration_passes() {
+    let d = install(GLOBAL, &[("a", OK_WORKER)]);
+    let (code, out) = check(d.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok (1 worker: a)"), "{out}");
+}
+
+#[test]
+fn worker_errors_name_file_line_and_key() {
+    // (worker.yaml, expected "file:line: key: message" fragment)
+    let cases: &[(&str, &str)] = &[
+        (
+            "comand: [x]\n",
+            "a/worker.yaml:1: comand: unknown field `comand`",
+        ),
+        (
+            "command: [\"/bin/true\"]\ndrain_timeout: 30\n",
+            "a/worker.yaml:2: drain_timeout: invalid duration `30`: a unit is required",
+        ),
+        (
+            "command: [\"/bin/true\"]\nhealth:\n  interval: 1s\n  timeout: soon\n",
+            "a/worker.yaml:4: health.timeout: invalid duration `soon`",
+        ),
+        (
+            "command: [\"/bin/true\"]\nresources:\n  cpu: 2\n  memory: 12X\n",
+            "a/worker.yaml:4: resources.memory: invalid size `12X`",
+        ),
+        (
+            "command: [\"/nonexistent/bin\"]\n",
+            "a/worker.yaml:1: command: program /nonexistent/bin",
+        ),
+        (
+            "command: [\"no-such-program-anywhere\"]\n",
+            "a/worker.yaml:1: command: program `no-such-program-anywhere` not found in PATH",
+        ),
+        (
+            "command: []\n",
+            "a/worker.yaml:1: command: must name a program",
+        ),
+        (
+            "command: [\"/etc/passwd\"]\n",
+            "command: program /etc/passwd is not executable",
+        ),
+        (
+            "command: [\"/bin/true\"]\nroutes: [\"/a/../b\"]\n",
+            "a/worker.yaml:2: routes[0]: invalid path in route `/a/../b`",
+        ),
+        (
+            "command: [\"/bin/true\"]\nroutes: [\"/x\", \"bad host/y\"]\n",
+            "routes[1]: invalid route `bad host/y`",
+        ),
+        (
+            "command: [\"/bin/true\"]\nroutes: [\"/x\", \"/x/\"]\n",
+            "routes[1]: route `/x/` is listed twice",
+        ),
+        (
+            "command: [\"/bin/true\"]\nresources: { memory: 100M, memory_high: 200M }\n",
+            "a/worker.yaml:2: resources.memory_high: must not exceed resources.memory",
+        ),
+        (
+            "command: [\"/bin/true\"]\nresources:\n  cpu: 0\n",
+            "a/worker.yaml:3: resources.cpu: 0 cores is out of range",
+        ),
+        (
+            "command: [\"/bin/true\"]\nresources:\n  open_files: 3\n",
+            "resources.open_files: 3 is out of range",
+        ),
+        (
+            "command: [\"/bin/true\"]\nrecycle_memory: 300M\nresources: { memory: 256M }\n",
+            "a/worker.yaml:2: recycle_memory: 300M is not below resources.memory (256M)",
+        ),
+        (
+            "command: [\"/bin/true\"]\nsandbox:\n  user: nosuchuser-tq\n",
+            "a/worker.yaml:3: sandbox.user: user `nosuchuser-tq` does not exist",
+        ),
+        (
+            "command: [\"/bin/true\"]\nsandbox: { namespaces: [pid, moon] }\n",
+            "a/worker.yaml:2: sandbox.namespaces[1]: unknown variant `moon`",
+        ),
+        (
+            "command: [\"/bin/true\"]\nsandbox:\n  seccomp: profiles/missing.json\n",
+            "a/worker.yaml:3: sandbox.seccomp: expected `default`, `off` or a profile file",
+        ),
+        (
+            "command: [\"/bin/true\"]\nsandbox:\n  private_tmp: true\n",
+            "sandbox: read_only_root and private_tmp need the `mount` namespace",
+        ),
+        (
+            "command: [\"/bin/true\"]\ndeploy:\n  strategy: canary\n",
+            "a/worker.yaml:3: deploy.strategy: unknown variant `canary`",
+        ),
+        (
+            "command: [\"/bin/true\"]\ndeploy: { max_surge: 0 }\n",
+            "deploy.max_surge: must be at least 1",
+        ),
+        (
+            "command: [\"/bin/true\"]\nenv: { PORT: \"1\" }\n",
+            "a/worker.yaml:2: env.PORT: `PORT` is set by tqproxy",
+        ),
+        (
+            "command: [\"/bin/true\"]\ninstances: many\n",
+            "a/worker.yaml:2: instances: invalid type: string \"many\"",
+        ),
+        (
+            "command: [\"/bin/true\"]\nhealth: { path: health }\n",
+            "health.path: `health` must be an absolute path",
+        ),
+        ("routes: [/\"\n", "a/worker.yaml:"),
+        (
+            "command: [\"/bin/true\"]\nrestart: { backoff: 10s, backoff_max: 1s }\n",
+            "restart.backoff_max: must not be less than restart.backoff",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (yaml, expected) in cases {
+        let d = install(GLOBAL, &[("a", yaml)]);
+        let (code, out) = check(d.path());
+        if code != 1 || !out.contains(expected) {
+            failures.push(format!(
+                "input:\n{yaml}expected exit 1 and {expected:?}\ngot exit {code}: {out}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
+}
+
+#[test]
+fn global_errors_name_file_line_and_key() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "listen: [\"nope\"]\n",
+            "conf/tqproxy.yaml:1: listen[0]: invalid address `nope`",
+        ),
+        ("listen: []\n", "listen: at least one address is required"),
+        (
+            "listen: [\"127.0.0.1:9500\"]\n",
+            "listen: 127.0.0.1:9500 is inside the worker port range 9000-9999",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\nports: \"9999-9000\"\n",
+            "conf/tqproxy.yaml:2: ports: invalid port range `9999-9000`",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\nports: \"9000-9001\"\n",
+            "ports: range 9000-9001 has 2 ports but the workers may need",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\ncontrol: { admin: \"0.0.0.0:8090\" }\n",
+            "control.admin: `0.0.0.0:8090` is not a loopback address",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\nlisten_on: x\n",
+            "conf/tqproxy.yaml:2: listen_on: unknown field `listen_on`",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\ndefaults:\n  drain_timeout: forever\n",
+            "conf/tqproxy.yaml:3: defaults.drain_timeout: invalid duration `forever`",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\nworkers_dir: /nonexistent/dir\n",
+            "workers_dir: cannot read /nonexistent/dir",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\nlog: { level: \"info,=\" }\n",
+            "log.level: invalid level",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\nproxy: { threads: 0 }\n",
+            "proxy.threads: must be between 1 and 256",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (yaml, expected) in cases {
+        let d = install(yaml, &[("a", OK_WORKER)]);
+        let (code, out) = check(d.path());
+        if code != 1 || !out.contains(expected) {
+            failures.push(format!(
+                "input:\n{yaml}expected exit 1 and {expected:?}\ngot exit {code}: {out}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
+}
+
+#[test]
+fn cross_worker_errors_and_every_error_is_reported() {
+    // Two workers claim `/`; a third has a bad name; a fourth is broken on its own.
+    let d = install(
+        GLOBAL,
+        &[
+            ("a", OK_WORKER),
+            (
+                "b",
+                "command: [\"/bin/true\"]\nroutes: [\"/other\", \"/\"]\n",
+            ),
+            ("Bad_Name", OK_WORKER),
+            ("c", "command: [\"/bin/true\"]\nresources: { pids: 0 }\n"),
+        ],
+    );
+    let (code, out) = check(d.path());
+    assert_eq!(code, 1);
+    for expected in [
+        "b/worker.yaml:2: routes: route `/` is already served by worker `a`",
+        "Bad_Name/worker.yaml: directory name: invalid worker name `Bad_Name`",
+        "c/worker.yaml:2: resources.pids: must be at least 1",
+    ] {
+        assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn relative_paths_resolve_against_their_file_from_any_directory() {
+    let d = install(
+        GLOBAL,
+        &[("a", "command: [\"bin/run\"]\nroutes: [\"/\"]\n")],
+    );
+    let bin = d.path().join("workers/a/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(bin.join("run"), "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(
+        bin.join("run"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    // From an unrelated working directory, with a relative -c.
+    let o = Command::new(TQPROXY)
+        .current_dir(d.path().join("workers"))
+        .args(["check", "-c", "../conf/tqproxy.yaml"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn shipped_configurations_are_valid() {
+    let root = crate::harness::repo();
+    for conf in ["conf/tqproxy.yaml"] {
+        let o = Command::new(TQPROXY)
+            .args(["check", "-c"])
+            .arg(root.join(conf))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // The shipped worker programs are release builds; a debug-only tree may lack them.
+        if text.contains("target/release")
+            && text.contains("No such file")
+            && std::env::var_os("CI").is_none()
+        {
+            eprintln!("skipping {conf}: release binaries not built ({text})");
+            continue;
+        }
+        assert!(o.status.success(), "{conf}: {text}");
+    }
+}

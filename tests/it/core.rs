@@ -1,0 +1,327 @@
+//! The core loop against the real binary and real worker processes: routing, balancing,
+//! crash and hang recovery, crash-loop backoff, scaling, and no process outliving tqproxy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::harness::*;
+
+#[test]
+fn host_and_path_routing_on_segment_boundaries() {
+    let mut env = Env::new(&[
+        WorkerDef::hello("root", "[\"/\"]", 1, ""),
+        WorkerDef::hello("api", "[\"/api\"]", 1, "strip_prefix: true\n"),
+        WorkerDef::hello("keep", "[\"/keep\"]", 1, ""),
+        WorkerDef::hello("host", "[\"h.example.test/\"]", 1, ""),
+        WorkerDef::hello("wild", "[\"*.wild.test/v1\"]", 1, ""),
+    ]);
+    env.start();
+    let who = |r: &Response| r.header("x-worker").unwrap_or("?").to_string();
+
+    // Longest prefix, on a segment boundary.
+    assert_eq!(who(&env.get("/api/echo-headers")), "api");
+    assert_eq!(who(&env.get("/api")), "api");
+    assert_eq!(who(&env.get("/apiary")), "root");
+    assert_eq!(who(&env.get("/")), "root");
+    assert_eq!(who(&env.get("/keepsake")), "root");
+    assert_eq!(who(&env.get("/keep/x")), "keep");
+
+    // Stripping: /api/echo-headers reaches the worker as /echo-headers, query kept.
+    let r = env.get("/api/echo-headers?x=1");
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["path"], "/echo-headers?x=1");
+    // Without stripping the prefix stays.
+    let r = env.get("/keep/echo-headers");
+    assert_eq!(
+        r.status, 404,
+        "hello has no /keep/echo-headers: the prefix was kept"
+    );
+
+    // Hosts: exact, with port and case, wildcard; unknown hosts fall back to host-less routes.
+    assert_eq!(who(&env.get_host("h.example.test", "/anything")), "host");
+    assert_eq!(who(&env.get_host("H.EXAMPLE.TEST:8080", "/")), "host");
+    assert_eq!(who(&env.get_host("a.wild.test", "/v1/x")), "wild");
+    assert_eq!(who(&env.get_host("a.wild.test", "/v2")), "root");
+    assert_eq!(who(&env.get_host("other.test", "/")), "root");
+}
+
+#[test]
+fn forwarding_headers_and_request_ids() {
+    let mut env = Env::new(&[WorkerDef::hello("root", "[\"/\"]", 1, "")]);
+    env.start();
+    let r = env.get_host("front.test", "/echo-headers");
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(v["x-forwarded-proto"], "http");
+    assert_eq!(v["x-forwarded-host"], "front.test");
+    let id = v["x-request-id"].as_str().expect("request id generated");
+    assert_eq!(id.len(), 16);
+    assert_eq!(
+        r.header("x-request-id"),
+        Some(id),
+        "the response carries the same id"
+    );
+
+    // A client's id is kept; a client's X-Forwarded-For is appended to.
+    let r = request(
+        env.listen,
+        "GET",
+        "/echo-headers",
+        None,
+        &[
+            ("X-Request-Id", "client-id-42"),
+            ("X-Forwarded-For", "203.0.113.9"),
+        ],
+        b"",
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["x-request-id"], "client-id-42");
+    assert_eq!(v["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+}
+
+#[test]
+fn unknown_route_is_404_from_tqproxy() {
+    let mut env = Env::new(&[WorkerDef::hello("api", "[\"/api\"]", 1, "")]);
+    env.start();
+    let r = env.get("/nothing-here");
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("tqproxy"), "{}", r.body);
+    assert!(r.header("x-worker").is_none());
+    let r = env.get("/apix");
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn balancing_uses_every_instance() {
+    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 4, "")]);
+    env.start();
+    let mut seen: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..80 {
+        let r = env.get("/");
+        assert_eq!(r.status, 200);
+        *seen
+            .entry(r.header("x-instance").unwrap().to_string())
+            .or_default() += 1;
+    }
+    let ids: BTreeSet<String> = env
+        .instances("w")
+        .iter()
+        .map(|i| i.id.to_string())
+        .collect();
+    assert_eq!(
+        seen.keys().cloned().collect::<BTreeSet<_>>(),
+        ids,
+        "every instance served: {seen:?}"
+    );
+    // Sequential requests with no load difference spread evenly (round-robin among ties).
+    assert!(seen.values().all(|n| *n == 20), "{seen:?}");
+}
+
+#[test]
+fn kill_9_of_an_instance_under_load_fails_no_request() {
+    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 2, "")]);
+    env.start();
+    let before = env.instances("w");
+    let load = Load::start(env.listen, "/", 8);
+    load.wait_progress(200);
+    let victim = before[0].pid.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // A replacement becomes ready (same id, new pid), while requests keep flowing.
+    let replaced = wait_for("replacement ready", Duration::from_secs(20), || {
+        let i = env
+            .instances("w")
+            .into_iter()
+            .find(|i| i.id == before[0].id)?;
+        (i.state == "ready" && i.pid.is_some_and(|p| p != victim) && i.routed).then_some(i)
+    });
+    load.wait_progress(200);
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} failed requests out of {}: {:?}",
+        ok + failed,
+        &errors[..errors.len().min(5)]
+    );
+    assert_eq!(replaced.restarts, 1);
+    assert!(
+        replaced
+            .last_exit
+            .as_deref()
+            .unwrap_or("")
+            .contains("SIGKILL"),
+        "{:?}",
+        replaced.last_exit
+    );
+    assert_eq!(env.worker("w").restarts["crash"], 1);
+    assert!(!alive(victim));
+}
+
+#[test]
+fn a_hung_instance_is_replaced() {
+    let mut env = Env::new(&[WorkerDef::chaos("c", "[\"/\"]", 1, "")]);
+    env.start();
+    let old = env.instances("c")[0].clone();
+    // /hang makes the whole worker stop answering (its health checks time out).
+    let _ = request(env.listen, "GET", "/hang", None, &[], b"");
+    let new = wait_for(
+        "a new ready instance replacing the hung one",
+        Duration::from_secs(30),
+        || {
+            let inst = env.instances("c");
+            let fresh = inst
+                .iter()
+                .find(|i| i.id != old.id && i.state == "ready" && i.routed)?
+                .clone();
+            inst.iter().all(|i| i.id != old.id).then_some(fresh)
+        },
+    );
+    assert_eq!(new.restarts, old.restarts + 1);
+    assert_eq!(env.worker("c").restarts["liveness"], 1);
+    wait_for("hung process gone", Duration::from_secs(10), || {
+        (!alive(old.pid.unwrap())).then_some(())
+    });
+    assert_eq!(env.get("/").status, 200);
+}
+
+#[test]
+fn a_crash_loop_backs_off_and_is_visible() {
+    let mut env = Env::new(&[
+        WorkerDef::hello("fine", "[\"/\"]", 1, ""),
+        WorkerDef::chaos(
+            "broken",
+            "[\"/broken\"]",
+            1,
+            "env: { CHAOS_CRASH_ON_START: \"1\" }\nstart_timeout: 5s\nrestart: { backoff: 100ms, backoff_max: 2s, crashloop_after: 3 }\n",
+        ),
+    ]);
+    env.spawn(&[]);
+    let st = wait_for("crashloop state", Duration::from_secs(30), || {
+        let w = env
+            .try_status()?
+            .workers
+            .into_iter()
+            .find(|w| w.name == "broken")?;
+        let i = w.instances.first()?.clone();
+        (i.state == "crashloop").then_some(i)
+    });
+    assert!(
+        st.last_exit
+            .as_deref()
+            .unwrap_or("")
+            .contains("exited with code 3"),
+        "{:?}",
+        st.last_exit
+    );
+    // Backing off: over the next two seconds only a handful of attempts (a hot loop would
+    // make hundreds). Each attempt counts as a restart.
+    let r0 = env.instances("broken")[0].restarts;
+    std::thread::sleep(Duration::from_secs(2));
+    let r1 = env.instances("broken")[0].restarts;
+    assert!(
+        r1 - r0 <= 3,
+        "restarted {} times in 2 s with backoff up to 2 s",
+        r1 - r0
+    );
+    // The neighbour is unaffected; the broken route answers 503 from tqproxy.
+    assert_eq!(env.get("/").status, 200);
+    let r = env.get("/broken");
+    assert_eq!(r.status, 503);
+    assert!(r.header("retry-after").is_some());
+    assert!(r.body.contains("no ready instance"), "{}", r.body);
+}
+
+#[test]
+fn scale_up_and_down() {
+    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 1, "")]);
+    env.start();
+    let out = env.ok(&["scale", "w", "3"]);
+    assert!(out.contains("scaled up from 1 to 3"), "{out}");
+    let inst = env.wait_ready("w", 3);
+    let ports: BTreeSet<u16> = inst.iter().filter_map(|i| i.port).collect();
+    assert_eq!(ports.len(), 3, "distinct ports");
+    assert_eq!(env.worker("w").desired, 3);
+    let load = Load::start(env.listen, "/", 4);
+    load.wait_progress(100);
+    env.ok(&["scale", "w", "1"]);
+    load.wait_progress(100);
+    let (_, failed, errors) = load.finish();
+    assert_eq!(failed, 0, "{errors:?}");
+    let inst = env.wait_ready("w", 1);
+    // Stopped instances are gone for good.
+    for i in env.status().workers[0].instances.iter() {
+        assert!(inst.iter().any(|j| j.id == i.id));
+    }
+    // Bad requests are refused with a reason and exit 1.
+    let o = env.cli(&["scale", "nope", "2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no worker named `nope`"));
+    let o = env.cli(&["scale", "w", "-1"]);
+    assert_eq!(o.status.code(), Some(2), "usage error");
+}
+
+#[test]
+fn kill_9_of_tqproxy_leaves_no_worker_behind() {
+    let mut env = Env::new(&[
+        WorkerDef::hello("w", "[\"/\"]", 2, "env: { TQ_TEST_MARK: kill9-test }\n"),
+        // A pid namespace: even processes the worker forks die with it.
+        WorkerDef::chaos(
+            "c",
+            "[\"/c\"]",
+            1,
+            "env: { TQ_TEST_MARK: kill9-test }\nsandbox: { namespaces: [pid] }\n",
+        ),
+    ]);
+    env.start();
+    // The chaos worker also forks children (its own process tree).
+    let r = env.get("/c/fork-bomb?max=3");
+    assert_eq!(r.status, 200);
+    let pids: Vec<u32> = env
+        .status()
+        .workers
+        .iter()
+        .flat_map(|w| w.instances.iter().filter_map(|i| i.pid))
+        .collect();
+    assert_eq!(pids.len(), 3);
+    let marker = "TQ_TEST_MARK=kill9-test";
+    let before = processes_with_env(marker);
+    assert!(
+        before.len() >= 6,
+        "3 instances and 3 forked children: {before:?}"
+    );
+    env.kill9();
+    wait_for(
+        "every worker process gone after kill -9 of tqproxy",
+        Duration::from_secs(10),
+        || (pids.iter().all(|p| !alive(*p)) && processes_with_env(marker).is_empty()).then_some(()),
+    );
+}
+
+#[test]
+fn graceful_stop_finishes_in_flight_requests() {
+    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 1, "")]);
+    env.start();
+    let pid = env.instances("w")[0].pid.unwrap();
+    let addr = env.listen;
+    let slow = std::thread::spawn(move || request(addr, "GET", "/slow?ms=1500", None, &[], b""));
+    wait_for("slow request in flight", Duration::from_secs(10), || {
+        (env.worker("w").in_flight == 1).then_some(())
+    });
+    let out = env.ok(&["stop"]);
+    assert!(out.contains("stopped"), "{out}");
+    let r = slow
+        .join()
+        .unwrap()
+        .expect("the in-flight request completed");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, "slow done\n");
+    assert!(!alive(pid));
+    assert!(!env.socket().exists(), "control socket removed");
+    env.child = None;
+}
