@@ -144,7 +144,7 @@ pub fn fmt_size(n: u64) -> String {
         ("M", 1 << 20),
         ("K", 1 << 10),
     ] {
-        if n >= m && n % m == 0 {
+        if n >= m && n.is_multiple_of(m) {
             return format!("{}{unit}", n / m);
         }
     }
@@ -1727,10 +1727,10 @@ fn parse_yaml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result
         let mut message = inner.to_string();
         // serde_yaml appends " at line L column C" and prefixes the path; we report both
         // ourselves, so strip them.
-        if let Some(i) = message.rfind(" at line ") {
-            if !message[i..].contains(", ") {
-                message.truncate(i);
-            }
+        if let Some(i) = message.rfind(" at line ")
+            && !message[i..].contains(", ")
+        {
+            message.truncate(i);
         }
         for prefix in [format!("{path}: "), format!("{}: ", parent_path(&path))] {
             if let Some(rest) = message.strip_prefix(&prefix) {
