@@ -153,6 +153,19 @@ fn check(path: &Path) -> i32 {
     }
 }
 
+/// Whether a process exists and has not exited (a zombie waiting for its parent has exited).
+fn running(pid: nix::unistd::Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => nix::sys::signal::kill(pid, None).is_ok(),
+    }
+}
+
 fn print_outcome(o: &Outcome) -> i32 {
     for l in &o.lines {
         let mark = if l.ok { "ok" } else { "FAILED" };
@@ -225,7 +238,7 @@ async fn client(cmd: Command, socket: &Path) -> i32 {
         (Command::Stop { timeout }, ControlResponse::Stopping { pid }) => {
             let started = Instant::now();
             let pid = nix::unistd::Pid::from_raw(pid as i32);
-            while nix::sys::signal::kill(pid, None).is_ok() {
+            while running(pid) {
                 if started.elapsed() > timeout {
                     eprintln!(
                         "tqproxy (pid {pid}) is still running after {}",

@@ -1233,7 +1233,28 @@ fn load_worker(dir: &Path, defaults: &Defaults) -> Result<Option<WorkerConfig>, 
     }
 
     let resources = worker_resources(&raw.resources, dir, &ctx, &mut errors);
-    let sandbox = worker_sandbox(&raw.sandbox, &name, dir, &ctx, &mut errors);
+    let mut sandbox = worker_sandbox(&raw.sandbox, &name, dir, &ctx, &mut errors);
+    // A private /tmp would hide the worker's own files if they live under /tmp.
+    let tmp = Path::new("/tmp");
+    let own_under_tmp = [dir, program.as_path(), cwd.as_path()]
+        .into_iter()
+        .chain(sandbox.read_write.iter().map(PathBuf::as_path))
+        .chain(sandbox.read_only.iter().map(PathBuf::as_path))
+        .find(|p| p.starts_with(tmp));
+    if let (true, Some(p)) = (sandbox.private_tmp, own_under_tmp) {
+        if raw.sandbox.private_tmp == Some(true) {
+            errors.push(ctx.err(
+                &["sandbox", "private_tmp"],
+                None,
+                "sandbox.private_tmp",
+                format!(
+                    "a private /tmp would hide {}, which this worker needs",
+                    p.display()
+                ),
+            ));
+        }
+        sandbox.private_tmp = false;
+    }
     if sandbox.has(Namespace::Net) && raw.health.path.is_none() {
         // Port readiness still works: tqproxy owns the listening socket and probes it.
     }

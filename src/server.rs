@@ -103,7 +103,7 @@ pub fn sd_notify(state: &str) {
 }
 
 /// `tqproxy run`. Returns the exit code when startup fails; otherwise never returns.
-pub fn run(config_path: &Path, _watch: bool) -> i32 {
+pub fn run(config_path: &Path, watch: bool) -> i32 {
     let config = match Config::load(config_path) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -172,6 +172,7 @@ pub fn run(config_path: &Path, _watch: bool) -> i32 {
     let stop = Arc::new(Notify::new());
     let supervisor = Supervisor::new(config.clone(), routes.clone());
     let sup_handle = supervisor.handle();
+    supervisor.set_watch(watch);
     supervisor.on_ready(|| sd_notify("READY=1\nSTATUS=all workers started"));
     let socket_path = config.control_socket.clone();
     supervisor.on_stopped(move || {

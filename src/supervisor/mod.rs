@@ -23,6 +23,7 @@
 //! `crashloop` while it keeps backing off.
 
 pub mod deploy;
+pub mod devwatch;
 pub mod health;
 pub mod instance;
 pub mod logs;
@@ -543,6 +544,7 @@ pub struct Supervisor {
     on_ready: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Called after a graceful shutdown finished: flush and exit the process.
     on_stopped: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    watch: std::sync::atomic::AtomicBool,
 }
 
 impl Supervisor {
@@ -557,7 +559,13 @@ impl Supervisor {
             init: std::sync::Mutex::new(Some((config, rx, routes))),
             on_ready: std::sync::Mutex::new(None),
             on_stopped: std::sync::Mutex::new(None),
+            watch: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Development hot reload (`run --watch`).
+    pub fn set_watch(&self, on: bool) {
+        self.watch.store(on, Ordering::Relaxed);
     }
 
     pub fn handle(&self) -> SupervisorHandle {
@@ -604,6 +612,7 @@ impl pingora::services::background::BackgroundService for Supervisor {
             }
         };
         let owner_task = tokio::spawn(owner.run(rx));
+        let watch = self.watch.load(Ordering::Relaxed);
         // Initial start: every worker to its desired count, in parallel.
         let h = handle.clone();
         tokio::spawn(async move {
@@ -625,6 +634,9 @@ impl pingora::services::background::BackgroundService for Supervisor {
             ready_notifier.notify_ready();
             if let Some(f) = on_ready {
                 f();
+            }
+            if watch {
+                devwatch::run(h).await;
             }
         });
         // Ticks for stats, recycling and standby expiry.

@@ -275,7 +275,7 @@ fn kill_9_of_tqproxy_leaves_no_worker_behind() {
             "c",
             "[\"/c\"]",
             1,
-            "env: { TQ_TEST_MARK: kill9-test }\nsandbox: { namespaces: [pid] }\n",
+            "strip_prefix: true\nenv: { TQ_TEST_MARK: kill9-test }\nsandbox: { namespaces: [pid] }\n",
         ),
     ]);
     env.start();

@@ -4,3 +4,4 @@
 mod config;
 mod core;
 mod harness;
+mod swaps;
