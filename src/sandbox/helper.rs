@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::ffi::CString;
+use std::io::Read as _;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
@@ -16,8 +17,8 @@ use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{
-    ForkResult, Gid, Pid, Uid, chdir, fork, getgroups, getpid, getppid, getresgid, getresuid,
-    pipe2, setgid, setgroups, setpgid, setsid, setuid,
+    ForkResult, Gid, Pid, Uid, chdir, fork, getgid, getgroups, getpid, getppid, getresgid,
+    getresuid, getuid, pipe2, setgid, setgroups, setpgid, setresgid, setresuid, setsid, setuid,
 };
 
 use super::spawn::LISTEN_FD;
@@ -128,9 +129,21 @@ fn run() -> Result<Infallible, Failure> {
     // any fork, so that the worker only installs it (no allocation at that point).
     let filter = seccomp::compile(&spec.seccomp).step("seccomp")?;
 
-    // 4. Namespaces. A pid namespace implies a mount namespace, to mount a /proc that shows the
-    //    namespace's pids.
+    // 4. Namespaces. The user namespace first, on its own: the others are then owned by it, and
+    //    its uid/gid maps must be written (from outside) before anything else happens inside.
     let ns = spec.namespaces;
+    if ns.user {
+        user_namespace(&spec).step("user namespace")?;
+        // The credential change cleared the parent-death signal set by the spawner.
+        prctl::set_pdeathsig(Signal::SIGKILL)
+            .call(|| "prctl(PR_SET_PDEATHSIG, SIGKILL)".into())
+            .step("user namespace")?;
+        if getppid() != original_parent {
+            return Err(SandboxError::ParentGone(original_parent.as_raw())).step("user namespace");
+        }
+    }
+    // A pid namespace implies a mount namespace, to mount a /proc that shows the namespace's
+    // pids.
     let mut flags = CloneFlags::empty();
     if ns.needs_mount_ns() {
         flags |= CloneFlags::CLONE_NEWNS;
@@ -146,9 +159,6 @@ fn run() -> Result<Infallible, Failure> {
     }
     if ns.pid {
         flags |= CloneFlags::CLONE_NEWPID;
-    }
-    if ns.user {
-        return Err(SandboxError::Unsupported("user namespace")).step("namespaces");
     }
     if !flags.is_empty() {
         unshare(flags)
@@ -176,7 +186,11 @@ fn worker(
 ) -> Result<Infallible, Failure> {
     // 5. Credentials: supplementary groups, gid, uid, in that order (setgid needs the
     //    privileges that setuid drops), then check that there is no way back.
-    if let Some(c) = spec.credentials {
+    //    In a user namespace this happened in step 4 (root inside = the credentials outside):
+    //    check it.
+    if spec.namespaces.user {
+        check_ids(Uid::from_raw(0), Gid::from_raw(0)).step("credentials")?;
+    } else if let Some(c) = spec.credentials {
         switch_credentials(c).step("credentials")?;
     }
     // Parent-death signal again: a credential change clears it (we set it unconditionally,
@@ -285,6 +299,17 @@ fn switch_credentials(c: Credentials) -> Result<(), SandboxError> {
     setgroups(&[]).call(|| "setgroups([])".into())?;
     setgid(gid).call(|| format!("setgid({gid})"))?;
     setuid(uid).call(|| format!("setuid({uid})"))?;
+    check_ids(uid, gid)?;
+    if !uid.is_root() && setuid(Uid::from_raw(0)).is_ok() {
+        return Err(SandboxError::Credentials(format!(
+            "setuid(0) succeeded after switching to uid {uid}"
+        )));
+    }
+    Ok(())
+}
+
+/// Real, effective and saved ids are `uid`/`gid`, and no supplementary group is left.
+fn check_ids(uid: Uid, gid: Gid) -> Result<(), SandboxError> {
     let u = getresuid().call(|| "getresuid()".into())?;
     let g = getresgid().call(|| "getresgid()".into())?;
     if [u.real, u.effective, u.saved] != [uid; 3] || [g.real, g.effective, g.saved] != [gid; 3] {
@@ -299,10 +324,92 @@ fn switch_credentials(c: Credentials) -> Result<(), SandboxError> {
             "supplementary groups {groups:?} remain after setgroups([])"
         )));
     }
-    if !uid.is_root() && setuid(Uid::from_raw(0)).is_ok() {
-        return Err(SandboxError::Credentials(format!(
-            "setuid(0) succeeded after switching to uid {uid}"
-        )));
+    Ok(())
+}
+
+/// Step 4 for `user`: clears the supplementary groups (impossible once inside), unshares a
+/// user namespace, has a process outside write `0 <uid> 1` / `0 <gid> 1` (`setgroups` denied)
+/// with the spec's credentials (else our own ids), and becomes root of the namespace, which is
+/// those credentials outside.
+fn user_namespace(spec: &SpawnSpec) -> Result<(), SandboxError> {
+    setgroups(&[]).call(|| "setgroups([])".into())?;
+    let (uid, gid) = match spec.credentials {
+        Some(c) => (c.uid, c.gid),
+        None => (getuid().as_raw(), getgid().as_raw()),
+    };
+    let me = getpid();
+    // helper → mapper: "unshared, go"; mapper → helper: an error message, if any.
+    let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).call(|| "pipe2()".into())?;
+    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).call(|| "pipe2()".into())?;
+    // SAFETY: the helper is single-threaded (ensure_single_threaded), so the child can run
+    // arbitrary code after fork.
+    match unsafe { fork() }.call(|| "fork() of the uid/gid mapper".into())? {
+        ForkResult::Child => {
+            drop(go_w);
+            drop(err_r);
+            let mut b = [0u8; 1];
+            let code = match nix::unistd::read(go_r.as_fd(), &mut b) {
+                Ok(1) => match write_id_maps(me, uid, gid) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        sys::write_all_raw(err_w.as_raw_fd(), e.to_string().as_bytes());
+                        HELPER_FAILED
+                    }
+                },
+                // The helper could not unshare (or died): nothing to map.
+                _ => HELPER_FAILED,
+            };
+            sys::exit_now(code)
+        }
+        ForkResult::Parent { child: mapper } => {
+            drop(go_r);
+            drop(err_w);
+            let unshared =
+                unshare(CloneFlags::CLONE_NEWUSER).call(|| "unshare(CLONE_NEWUSER)".into());
+            if unshared.is_ok() {
+                sys::write_all_raw(go_w.as_raw_fd(), b"1");
+            }
+            drop(go_w);
+            let status = waitpid(mapper, None);
+            unshared?;
+            let mut msg = String::new();
+            let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
+            match status {
+                Ok(WaitStatus::Exited(_, 0)) => {}
+                _ if !msg.is_empty() => return Err(SandboxError::Credentials(msg)),
+                other => {
+                    return Err(SandboxError::Credentials(format!(
+                        "the uid/gid mapper process ended with {other:?}"
+                    )));
+                }
+            }
+            // Root inside (the ids mapped above): gid first, while we may still change it.
+            let zero_g = Gid::from_raw(0);
+            setresgid(zero_g, zero_g, zero_g)
+                .call(|| "setresgid(0, 0, 0) in the user namespace".into())?;
+            let zero_u = Uid::from_raw(0);
+            setresuid(zero_u, zero_u, zero_u)
+                .call(|| "setresuid(0, 0, 0) in the user namespace".into())?;
+            Ok(())
+        }
+    }
+}
+
+/// Written by the mapper, a process in the parent user namespace with CAP_SETUID and
+/// CAP_SETGID there.
+fn write_id_maps(pid: Pid, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    let dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+    for (file, value) in [
+        ("setgroups", "deny".to_owned()),
+        ("uid_map", format!("0 {uid} 1")),
+        ("gid_map", format!("0 {gid} 1")),
+    ] {
+        let path = dir.join(file);
+        std::fs::write(&path, &value).map_err(|source| SandboxError::Write {
+            path,
+            value,
+            source,
+        })?;
     }
     Ok(())
 }
@@ -415,6 +522,12 @@ fn pid_namespace(spec: &SpawnSpec) -> Result<(), Failure> {
     {
         ForkResult::Parent { child } => {
             drop(status_w);
+            // The listening socket is the worker's alone: a copy here would keep accepting
+            // into the backlog after the worker closed its own. (Only with `listen_fd`: without
+            // it, fd 3 may be one of our pipes.)
+            if spec.listen_fd {
+                sys::close_listen_fd();
+            }
             relay(child, status_r)
         }
         ForkResult::Child => {
@@ -494,6 +607,9 @@ fn init(spec: &SpawnSpec, status_w: OwnedFd) -> Result<(), Failure> {
         ForkResult::Parent { child } => {
             // Also set by the worker itself; whoever is first wins the race, both are fine.
             let _ = setpgid(child, child);
+            if spec.listen_fd {
+                sys::close_listen_fd();
+            }
             init_loop(child, status_w)
         }
         ForkResult::Child => {

@@ -10,9 +10,12 @@
 //! 1. join the instance's cgroup (write `0` to every `cgroup.procs` in the spec)
 //! 2. rlimits (`RLIMIT_NOFILE`, `RLIMIT_CORE` = 0 unless configured, …)
 //! 3. `setsid` (own session and process group)
-//! 4. namespaces (+ mounts, hostname, `lo` up); with a pid namespace the helper forks a tiny
-//!    init that is PID 1, forwards signals and reaps (see [Process tree](#process-tree))
-//! 5. setgroups → setgid → setuid; parent-death signal again (credential changes clear it)
+//! 4. namespaces: the user namespace first (uid/gid maps written by a short-lived process
+//!    outside), then mount, ipc, uts, net, pid in one `unshare`; mounts, hostname, `lo` up; with
+//!    a pid namespace the helper forks a tiny init that is PID 1, forwards signals and reaps
+//!    (see [Process tree](#process-tree))
+//! 5. setgroups → setgid → setuid (in a user namespace: already root inside = the credentials
+//!    outside); parent-death signal again (credential changes clear it)
 //! 6. cwd, `LISTEN_FDS`/`LISTEN_PID`, no fd but 0-2 (and 3) survives exec, signals reset
 //! 7. no_new_privs, 8. landlock, 9. seccomp (last: it must still allow `execve`), 10. execve
 //!
@@ -60,7 +63,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use helper::helper_main;
-pub use seccomp::check_seccomp;
+pub use seccomp::{DEFAULT_DENY, check_seccomp};
 pub use spawn::{SpawnIo, Spawner};
 
 /// Name of the hidden subcommand that runs [`helper_main`].
@@ -126,8 +129,10 @@ pub struct NamespaceSpec {
     pub ipc: bool,
     pub uts: bool,
     pub net: bool,
-    /// Not implemented yet: [`check_spec`] and [`Spawner::spawn`] reject it with
-    /// [`SandboxError::Unsupported`].
+    /// A user namespace whose root is `credentials` outside (`0 <uid> 1`, `0 <gid> 1`,
+    /// `setgroups` denied); without credentials, tqproxy's own ids (root in production, which
+    /// gains little: set credentials). The worker runs as uid/gid 0 inside, with capabilities
+    /// over its own namespaces only; the other namespaces are owned by it.
     pub user: bool,
 }
 
@@ -185,7 +190,7 @@ pub struct LandlockSpec {
     pub read_only: Vec<PathBuf>,
 }
 
-pub use fs_rules::LANDLOCK_BASE;
+pub use fs_rules::{BaseAccess, LANDLOCK_BASE};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub enum SeccompSpec {
@@ -289,10 +294,16 @@ impl SandboxError {
     }
 }
 
-/// Static checks of a spec, without side effects: used by `tqproxy check`, on reload, and by
-/// [`Spawner::spawn`] before it starts anything. Compiles the seccomp filter, checks that
-/// landlock is available when asked for, rejects what is not implemented.
+/// Checks a spec without side effects, for `tqproxy check` and reload: consistency (absolute
+/// paths, mounts only with a mount namespace, …), Landlock available when asked for, and the
+/// seccomp filter compiles ([`check_seccomp`]). [`Spawner::spawn`] runs the same checks but
+/// the seccomp one (the helper compiles the filter anyway, and reports a failure).
 pub fn check_spec(spec: &SpawnSpec) -> Result<(), SandboxError> {
+    check_consistency(spec)?;
+    check_seccomp(&spec.seccomp)
+}
+
+fn check_consistency(spec: &SpawnSpec) -> Result<(), SandboxError> {
     let invalid = |m: String| Err(SandboxError::InvalidSpec(m));
     if !spec.program.is_absolute() {
         return invalid(format!(
@@ -302,9 +313,6 @@ pub fn check_spec(spec: &SpawnSpec) -> Result<(), SandboxError> {
     }
     if !spec.cwd.is_absolute() {
         return invalid(format!("cwd {} is not absolute", spec.cwd.display()));
-    }
-    if spec.namespaces.user {
-        return Err(SandboxError::Unsupported("user namespace"));
     }
     if !spec.namespaces.needs_mount_ns() && !spec.mounts.is_empty() {
         return invalid("mounts are set but neither a mount nor a pid namespace is".into());
@@ -352,7 +360,7 @@ pub fn check_spec(spec: &SpawnSpec) -> Result<(), SandboxError> {
             "landlock (the running kernel does not provide it)",
         ));
     }
-    check_seccomp(&spec.seccomp)
+    Ok(())
 }
 
 /// The Landlock ABI version of the running kernel, or `None` when Landlock is not available.
@@ -457,16 +465,13 @@ mod tests {
     }
 
     #[test]
-    fn check_spec_rejects_what_is_not_implemented_or_inconsistent() {
+    fn check_spec_rejects_inconsistent_specs() {
         let base = SpawnSpec {
             program: "/bin/true".into(),
             cwd: "/".into(),
             ..Default::default()
         };
         check_spec(&base).unwrap();
-        let mut s = base.clone();
-        s.namespaces.user = true;
-        assert!(matches!(check_spec(&s), Err(SandboxError::Unsupported(_))));
         let mut s = base.clone();
         s.program = "bin/true".into();
         assert!(check_spec(&s).unwrap_err().to_string().contains("bin/true"));

@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use super::{HELPER_ARG, SPEC_ENV, SandboxError, SpawnSpec, check_spec};
+use super::{HELPER_ARG, SPEC_ENV, SandboxError, SpawnSpec, check_consistency};
 
 /// The fd a listening socket is passed on (systemd's `SD_LISTEN_FDS_START`).
 pub(crate) const LISTEN_FD: RawFd = 3;
@@ -56,7 +56,7 @@ impl Spawner {
         spec: &SpawnSpec,
         io: SpawnIo,
     ) -> Result<tokio::process::Child, SandboxError> {
-        check_spec(spec)?;
+        check_consistency(spec)?;
         if spec.listen_fd != io.listen.is_some() {
             return Err(SandboxError::InvalidSpec(format!(
                 "spec.listen_fd is {} but a listening socket was {}given",

@@ -188,6 +188,14 @@ pub(crate) fn reset_signal_dispositions() {
     }
 }
 
+/// Closes fd 3, the listening socket, in the relay and init, which must not hold it. Only call
+/// it when the spec passes a listening socket (fd 3 is then taken, so no pipe of ours is 3).
+pub(crate) fn close_listen_fd() {
+    // SAFETY: with a listening socket, fd 3 is that socket, inherited and owned by no Rust
+    // object in the helper (it is only passed on by exec): closing it invalidates nothing.
+    unsafe { libc::close(3) };
+}
+
 /// Writes all of `buf` to `fd` with raw write(2) calls: no allocation, usable after seccomp.
 pub(crate) fn write_all_raw(fd: RawFd, mut buf: &[u8]) {
     while !buf.is_empty() {

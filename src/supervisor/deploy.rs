@@ -89,7 +89,7 @@ fn ms(since: Instant) -> u128 {
     since.elapsed().as_millis()
 }
 
-/// Starts `n` instances of `config` with `role` and waits until every one is ready. On any
+/// Starts `n` unrouted candidate instances of `config` and waits until every one is ready. On any
 /// failure the ones started here are stopped and the first reason is returned.
 async fn start_batch(
     h: &SupervisorHandle,
@@ -97,15 +97,21 @@ async fn start_batch(
     config: &Arc<WorkerConfig>,
     generation: u64,
     n: u32,
-    role: Role,
-    publish: bool,
+    restarts: u32,
 ) -> Result<Vec<u64>, String> {
     let mut started = Vec::new();
     let mut waits = Vec::new();
     let mut failure = None;
     for _ in 0..n {
         match h
-            .start(worker, config.clone(), generation, role, publish, 0)
+            .start(
+                worker,
+                config.clone(),
+                generation,
+                Role::Candidate,
+                false,
+                restarts,
+            )
             .await
         {
             Ok((id, rx)) => {
@@ -201,16 +207,7 @@ pub async fn scale(
     let t = Instant::now();
     if n as usize > current.len() {
         let add = n - current.len() as u32;
-        let ids = start_batch(
-            h,
-            worker,
-            &v.config,
-            v.generation,
-            add,
-            Role::Candidate,
-            false,
-        )
-        .await?;
+        let ids = start_batch(h, worker, &v.config, v.generation, add, 0).await?;
         let roles = ids.iter().map(|i| (*i, Role::Serving)).collect();
         h.switch(worker, ids.clone(), Vec::new(), roles).await;
         h.commit(
@@ -303,17 +300,7 @@ pub fn rolling(
         let mut next_old = 0usize;
         while (new_ids.len() as u32) < target {
             let batch = surge.min(target - new_ids.len() as u32);
-            let ids = match start_batch(
-                &h,
-                &worker,
-                &config,
-                generation,
-                batch,
-                Role::Candidate,
-                false,
-            )
-            .await
-            {
+            let ids = match start_batch(&h, &worker, &config, generation, batch, 0).await {
                 Ok(ids) => ids,
                 Err(e) => {
                     for d in drains {
@@ -429,22 +416,14 @@ pub async fn bluegreen(
         stop_all(h, worker, &ids, true).await;
     }
     let old = serving(&v);
-    let new_ids = start_batch(
-        h,
-        worker,
-        &config,
-        generation,
-        config.instances,
-        Role::Candidate,
-        false,
-    )
-    .await
-    .map_err(|e| {
-        format!(
-            "new generation {generation} failed to start, generation {} keeps serving: {e}",
-            v.generation
-        )
-    })?;
+    let new_ids = start_batch(h, worker, &config, generation, config.instances, 0)
+        .await
+        .map_err(|e| {
+            format!(
+                "new generation {generation} failed to start, generation {} keeps serving: {e}",
+                v.generation
+            )
+        })?;
     let window = config.deploy.rollback_window;
     let old_role = if window.is_zero() {
         Role::Retiring
@@ -750,17 +729,7 @@ pub async fn recycle(h: &SupervisorHandle, worker: &str, id: u64, cause: Cause) 
         return;
     }
     tracing::info!(worker, instance = id, cause = cause.as_str(), "recycling");
-    let ids = match start_batch(
-        h,
-        worker,
-        &v.config,
-        v.generation,
-        1,
-        Role::Candidate,
-        false,
-    )
-    .await
-    {
+    let ids = match start_batch(h, worker, &v.config, v.generation, 1, inst.restarts + 1).await {
         Ok(ids) => ids,
         Err(e) => {
             tracing::warn!(worker, instance = id, error = %e, "recycle: successor failed to start; keeping the instance");

@@ -22,14 +22,14 @@ pub async fn run(h: SupervisorHandle) {
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher =
         match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res {
-                if matches!(
+            if let Ok(ev) = res
+                && matches!(
                     ev.kind,
                     EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-                ) {
-                    for p in ev.paths {
-                        let _ = tx.send(p);
-                    }
+                )
+            {
+                for p in ev.paths {
+                    let _ = tx.send(p);
                 }
             }
         }) {
@@ -90,10 +90,10 @@ pub async fn run(h: SupervisorHandle) {
                 if p == &w.file || p == &w.program {
                     relevant = true;
                 }
-                if let Some(b) = &w.build {
-                    if b.watch.iter().any(|s| p.starts_with(s)) {
-                        builds.insert(w.name.clone(), w);
-                    }
+                if let Some(b) = &w.build
+                    && b.watch.iter().any(|s| p.starts_with(s))
+                {
+                    builds.insert(w.name.clone(), w);
                 }
             }
         }

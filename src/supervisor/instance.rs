@@ -260,18 +260,23 @@ impl Monitor {
             .as_ref()
             .and_then(|c| c.oom_kills())
             .unwrap_or(0);
-        if let Some(cg) = &self.cgroup {
-            // Give the kernel a moment to finish tearing down killed processes.
-            for _ in 0..50 {
-                if cg.pids().is_empty() {
-                    break;
+        if let Some(cg) = self.cgroup.clone() {
+            // Freezing, killing and rmdir of a cgroup can block (the kernel tears processes
+            // down asynchronously): off the supervisor's thread.
+            let id = self.id;
+            let _ = tokio::task::spawn_blocking(move || {
+                for _ in 0..50 {
+                    if cg.pids().is_empty() {
+                        break;
+                    }
+                    let _ = cg.kill_all();
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                let _ = cg.kill_all();
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if let Err(e) = cg.remove() {
-                tracing::warn!(instance = self.id, error = %e, "cgroup not removed");
-            }
+                if let Err(e) = cg.remove() {
+                    tracing::warn!(instance = id, error = %e, "cgroup not removed");
+                }
+            })
+            .await;
         }
         let description = match &status {
             Ok(st) => describe(st, &self.tail),
@@ -307,10 +312,13 @@ impl Monitor {
             let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         }
-        if let Some(cg) = &self.cgroup
-            && let Err(e) = cg.kill_all()
-        {
-            tracing::warn!(instance = self.id, error = %e, "cgroup kill failed");
+        if let Some(cg) = self.cgroup.clone() {
+            let id = self.id;
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = cg.kill_all() {
+                    tracing::warn!(instance = id, error = %e, "cgroup kill failed");
+                }
+            });
         }
     }
 }

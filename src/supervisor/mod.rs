@@ -282,6 +282,7 @@ pub struct WorkerView {
 #[derive(Debug, Clone)]
 pub struct InstanceView {
     pub id: u64,
+    pub restarts: u32,
     pub generation: u64,
     pub state: State,
     pub role: Role,
@@ -1728,6 +1729,7 @@ fn view_of(w: &WorkerState) -> WorkerView {
             .values()
             .map(|r| InstanceView {
                 id: r.id,
+                restarts: r.restarts,
                 generation: r.generation,
                 state: r.state,
                 role: r.role,

@@ -72,20 +72,46 @@ impl WorkerDef {
 
     /// The `hello` worker with `instances` and extra YAML lines.
     pub fn hello(name: &str, routes: &str, instances: u32, extra: &str) -> WorkerDef {
-        WorkerDef::new(
+        WorkerDef::with_defaults(
             name,
-            &format!(
-                "command: [\"{HELLO}\"]\nroutes: {routes}\ninstances: {instances}\nhealth: {{ path: /health, interval: 200ms, timeout: 500ms, unhealthy_after: 3 }}\nstop_timeout: 5s\ndrain_timeout: 10s\n{extra}"
-            ),
+            &format!("command: [\"{HELLO}\"]\nroutes: {routes}\ninstances: {instances}\n"),
+            &[
+                (
+                    "health",
+                    "{ path: /health, interval: 200ms, timeout: 500ms, unhealthy_after: 3 }",
+                ),
+                ("stop_timeout", "5s"),
+                ("drain_timeout", "10s"),
+            ],
+            extra,
         )
     }
 
+    /// `head` + the defaults whose keys `extra` does not set + `extra`.
+    fn with_defaults(name: &str, head: &str, defaults: &[(&str, &str)], extra: &str) -> WorkerDef {
+        let mut yaml = head.to_string();
+        for (k, v) in defaults {
+            if !extra.lines().any(|l| l.starts_with(&format!("{k}:"))) {
+                yaml.push_str(&format!("{k}: {v}\n"));
+            }
+        }
+        yaml.push_str(extra);
+        WorkerDef::new(name, &yaml)
+    }
+
     pub fn chaos(name: &str, routes: &str, instances: u32, extra: &str) -> WorkerDef {
-        WorkerDef::new(
+        WorkerDef::with_defaults(
             name,
-            &format!(
-                "command: [\"{CHAOS}\"]\nroutes: {routes}\ninstances: {instances}\nhealth: {{ path: /health, interval: 200ms, timeout: 300ms, unhealthy_after: 2 }}\nstop_timeout: 2s\ndrain_timeout: 5s\n{extra}"
-            ),
+            &format!("command: [\"{CHAOS}\"]\nroutes: {routes}\ninstances: {instances}\n"),
+            &[
+                (
+                    "health",
+                    "{ path: /health, interval: 200ms, timeout: 300ms, unhealthy_after: 2 }",
+                ),
+                ("stop_timeout", "2s"),
+                ("drain_timeout", "5s"),
+            ],
+            extra,
         )
     }
 }

@@ -6,12 +6,25 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
+/// A marker in every instance's environment, unique to the running test (tests run in
+/// parallel threads named after the test).
+fn mark(worker: &str) -> String {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("main")
+        .replace("::", "-");
+    format!("{test}-{worker}")
+}
+
 fn versioned(name: &str, instances: u32, version: &str, extra: &str) -> WorkerDef {
     WorkerDef::hello(
         name,
         "[\"/\"]",
         instances,
-        &format!("env: {{ HELLO_VERSION: \"{version}\", TQ_TEST_MARK: \"{name}-swap\" }}\n{extra}"),
+        &format!(
+            "env: {{ HELLO_VERSION: \"{version}\", TQ_TEST_MARK: \"{}\" }}\n{extra}",
+            mark(name)
+        ),
     )
 }
 
@@ -21,7 +34,7 @@ fn pids(env: &Env, worker: &str) -> BTreeSet<u32> {
 
 /// Every process of this test's worker still alive (instances and anything they started).
 fn live_processes(worker: &str) -> usize {
-    processes_with_env(&format!("TQ_TEST_MARK={worker}-swap")).len()
+    processes_with_env(&format!("TQ_TEST_MARK={}", mark(worker))).len()
 }
 
 fn assert_no_failures(load: Load) -> u64 {
@@ -262,7 +275,10 @@ fn a_new_version_that_cannot_start_leaves_the_old_one_serving() {
         "w",
         "[\"/\"]",
         2,
-        "env: { CHAOS_CRASH_ON_START: \"1\", TQ_TEST_MARK: \"w-swap\" }\nstart_timeout: 5s\n",
+        &format!(
+            "env: {{ CHAOS_CRASH_ON_START: \"1\", TQ_TEST_MARK: \"{}\" }}\nstart_timeout: 5s\n",
+            mark("w")
+        ),
     ));
     let o = env.cli(&["deploy", "w"]);
     assert_eq!(o.status.code(), Some(1));
@@ -278,7 +294,10 @@ fn a_new_version_that_cannot_start_leaves_the_old_one_serving() {
         "w",
         "[\"/\"]",
         2,
-        "env: { CHAOS_NEVER_READY: \"1\", TQ_TEST_MARK: \"w-swap\" }\nstart_timeout: 1s\n",
+        &format!(
+            "env: {{ CHAOS_NEVER_READY: \"1\", TQ_TEST_MARK: \"{}\" }}\nstart_timeout: 1s\n",
+            mark("w")
+        ),
     ));
     let o = env.cli(&["reload"]);
     assert_eq!(o.status.code(), Some(1));

@@ -288,8 +288,17 @@ async fn endpoint(app: &App, req: &Request) -> Result<Reply, Reply> {
         }
         "/fork-bomb" => {
             let max: u64 = num(req, "max")?.unwrap_or(100_000);
-            std::thread::spawn(move || fork_bomb(max));
-            Reply::text(200, "forking\n")
+            // Answer once the first few attempts are made (a test that asks for 3 children
+            // finds them), without waiting for a large bomb.
+            let (first, first_done) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || fork_bomb(max, first));
+            let _ = tokio::time::timeout(Duration::from_secs(2), first_done).await;
+            let stats = FORKS.lock().unwrap_or_else(|e| e.into_inner());
+            let (forked, failed) = (stats.forked, stats.failed);
+            Reply::text(
+                200,
+                format!("forking (so far: {forked} forked, {failed} failed)\n"),
+            )
         }
         "/fork-stats" => {
             let stats = FORKS.lock().unwrap_or_else(|e| e.into_inner());
@@ -422,9 +431,18 @@ fn sleeper(secs: u32) -> Command {
     cmd
 }
 
-fn fork_bomb(max: u64) {
+/// How many spawn attempts `/fork-bomb` waits for before it answers.
+const FORK_FIRST_BATCH: u64 = 16;
+
+fn fork_bomb(max: u64, first: tokio::sync::oneshot::Sender<()>) {
+    let mut first = Some(first);
     let mut consecutive_failures = 0;
-    for _ in 0..max {
+    for attempt in 0..max {
+        if attempt == FORK_FIRST_BATCH
+            && let Some(tx) = first.take()
+        {
+            let _ = tx.send(());
+        }
         let result = sleeper(600).spawn();
         let mut stats = FORKS.lock().unwrap_or_else(|e| e.into_inner());
         match result {
@@ -445,6 +463,9 @@ fn fork_bomb(max: u64) {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+    if let Some(tx) = first.take() {
+        let _ = tx.send(());
     }
 }
 
@@ -475,6 +496,16 @@ fn ptrace_access(target: Option<i32>) -> Value {
     v
 }
 
+/// EMFILE and friends: the caller backs off instead of spinning and never exits; this logs at
+/// most once per 5 s.
+fn log_accept_error(e: &io::Error, (count, last): &mut (u64, Option<std::time::Instant>)) {
+    *count += 1;
+    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+        log!("accept: {e} ({count} accept errors so far)");
+        *last = Some(std::time::Instant::now());
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP core (a compact copy of hello's; each worker is one self-contained file)
 
@@ -494,7 +525,11 @@ fn inherited_listener() -> Option<std::net::TcpListener> {
             log!("LISTEN_FDS=1 but fd 3 is {t:?}, not a socket");
             return None;
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        // NotFound with /proc present: fd 3 is not open (without /proc we cannot tell).
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && std::path::Path::new("/proc/self/fd").is_dir() =>
+        {
             log!("LISTEN_FDS=1 but fd 3 is not open");
             return None;
         }
@@ -540,6 +575,7 @@ async fn serve(app: Arc<App>, inherited: Option<std::net::TcpListener>) -> i32 {
     log!("instance {inst} gen {generation} listening on {addr} (pid {pid})");
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut accept_errors = (0u64, None);
     let signame = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -547,7 +583,7 @@ async fn serve(app: Arc<App>, inherited: Option<std::net::TcpListener>) -> i32 {
                     tokio::spawn(connection(stream, app.clone(), stop_rx.clone(), done_tx.clone()));
                 }
                 Err(e) => {
-                    log!("accept: {e}");
+                    log_accept_error(&e, &mut accept_errors);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -719,17 +755,22 @@ fn url_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn render(app: &App, req: Option<&Request>, reply: &Reply, close: bool) -> Vec<u8> {
-    let reason = match reply.status {
+fn reason(status: u16) -> &'static str {
+    match status {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
         503 => "Service Unavailable",
         _ => "Unknown",
-    };
+    }
+}
+
+fn render(app: &App, req: Option<&Request>, reply: &Reply, close: bool) -> Vec<u8> {
+    let reason = reason(reply.status);
     let connection = match (close, req.is_some_and(|r| r.http10)) {
         (true, _) => "Connection: close\r\n",
         (false, true) => "Connection: keep-alive\r\n",
@@ -840,6 +881,7 @@ async fn connection(
             After::Abort => {
                 std::thread::spawn(|| {
                     std::thread::sleep(Duration::from_millis(50));
+                    log!("/crash: aborting");
                     std::process::abort();
                 });
             }
@@ -854,7 +896,10 @@ async fn connection(
         }
     };
     if let Some(status) = error {
-        let reply = Reply::text(status, "bad request\n");
+        let reply = Reply::text(
+            status,
+            format!("{status} {}\n", reason(status).to_lowercase()),
+        );
         let _ = stream.write_all(&render(&app, None, &reply, true)).await;
     }
     // Close our side, then drain briefly so unread input does not turn into a RST.

@@ -279,6 +279,16 @@ fn open_listener(
     Ok((socket.listen(1024)?, ""))
 }
 
+/// EMFILE and friends: the caller backs off instead of spinning and never exits; this logs at
+/// most once per 5 s.
+fn log_accept_error(e: &io::Error, (count, last): &mut (u64, Option<std::time::Instant>)) {
+    *count += 1;
+    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+        log!("accept: {e} ({count} accept errors so far)");
+        *last = Some(std::time::Instant::now());
+    }
+}
+
 async fn run(app: Arc<App>, inherited: Option<std::net::TcpListener>) -> i32 {
     let cfg = &app.cfg;
     let (listener, how) = match open_listener(cfg.port, inherited) {
@@ -311,6 +321,7 @@ async fn run(app: Arc<App>, inherited: Option<std::net::TcpListener>) -> i32 {
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone of `done_tx`; `done_rx` yields `None` once all are gone.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut accept_errors = (0u64, None);
     let signame = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -319,8 +330,7 @@ async fn run(app: Arc<App>, inherited: Option<std::net::TcpListener>) -> i32 {
                     tokio::spawn(conn.run());
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning, never exit.
-                    log!("accept: {e}");
+                    log_accept_error(&e, &mut accept_errors);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
