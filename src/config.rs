@@ -792,8 +792,10 @@ impl Config {
                 .as_deref()
                 .unwrap_or("../run/tqproxy.sock"),
         );
+        // The admin listener is on by default (loopback); `admin: off` disables it.
         let admin = match raw.control.admin.as_deref() {
-            None => None,
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 8090))),
+            Some("off") => None,
             Some(a) => match a.parse::<SocketAddr>() {
                 Ok(addr) if addr.ip().is_loopback() => Some(addr),
                 Ok(_) => {

@@ -163,8 +163,10 @@ impl Env {
     pub fn write_global(&self) {
         let conf = self.dir.path().join("conf");
         std::fs::create_dir_all(&conf).unwrap();
+        // No admin listener unless the test asks for one (its default port would be shared).
+        let control = if self.global_extra.contains("control:") { "" } else { "control: { admin: off }\n" };
         let yaml = format!(
-            "listen: [\"{}\"]\nports: \"{}-{}\"\nproxy: {{ threads: 1 }}\ncgroups: {{ base: tqproxy-it }}\n{}",
+            "listen: [\"{}\"]\nports: \"{}-{}\"\nproxy: {{ threads: 1 }}\ncgroups: {{ base: tqproxy-it }}\n{control}{}",
             self.listen, self.ports.0, self.ports.1, self.global_extra
         );
         std::fs::write(conf.join("tqproxy.yaml"), yaml).unwrap();
