@@ -3,7 +3,8 @@
 //! - `GET /metrics`: Prometheus text format;
 //! - `GET /status`: a self-contained HTML page that refreshes itself from `/status.json`;
 //! - `GET /status.json`: the same document as `tqproxy status --json`;
-//! - `GET /healthz`: 200 when every worker has a ready routed instance, else 503 + the reason.
+//! - `GET /healthz`: 200 when every worker that should run has a ready routed instance, else
+//!   503 and one line naming the workers that have none and why (for external load balancers).
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -26,38 +27,81 @@ impl Admin {
     }
 }
 
+/// The page is self-contained: inline script and style, nothing loaded from elsewhere.
+const STATUS_PAGE_CSP: &str = "default-src 'none'; connect-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
         .header("content-length", body.len())
         .header("cache-control", "no-store")
+        .header("x-content-type-options", "nosniff")
         .body(body)
         .unwrap_or_else(|_| Response::new(Vec::new()))
 }
 
-/// `Ok` when every worker has at least one ready, routed instance; else why not.
+fn text(status: StatusCode, body: String) -> Response<Vec<u8>> {
+    reply(status, "text/plain; charset=utf-8", body.into_bytes())
+}
+
+/// `Ok` when every worker expected up has at least one ready, routed instance; else why not,
+/// on one line (see [`StatusReport::health`]).
 pub fn health(st: &StatusReport) -> Result<(), String> {
-    if st.state == "stopping" {
-        return Err("tqproxy is stopping".into());
-    }
-    let down: Vec<String> = st
-        .workers
-        .iter()
-        .filter(|w| !w.instances.iter().any(|i| i.state == "ready" && i.routed))
-        .map(|w| {
-            let why = w
-                .instances
-                .iter()
-                .find_map(|i| i.last_exit.clone())
-                .unwrap_or_else(|| "no instance".into());
-            format!("{} ({why})", w.name)
-        })
-        .collect();
-    if down.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("no ready instance: {}", down.join(", ")))
+    st.health()
+}
+
+impl Admin {
+    async fn route(&self, path: &str) -> Response<Vec<u8>> {
+        match path {
+            "/" | "/status" => {
+                let mut r = reply(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    STATUS_PAGE.as_bytes().to_vec(),
+                );
+                if let Ok(v) = http::HeaderValue::from_str(STATUS_PAGE_CSP) {
+                    r.headers_mut().insert("content-security-policy", v);
+                }
+                r
+            }
+            "/status.json" => match self.supervisor.status().await {
+                Some(st) => reply(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::to_vec(&st).unwrap_or_default(),
+                ),
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tqproxy is stopping\n".into(),
+                ),
+            },
+            "/metrics" => {
+                // Per-worker gauges are refreshed from live counters at scrape time.
+                if let Some(st) = self.supervisor.status().await {
+                    METRICS.refresh_from(&st);
+                }
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    METRICS.render().into_bytes(),
+                )
+            }
+            "/healthz" => match self.supervisor.status().await {
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tqproxy is stopping\n".into(),
+                ),
+                Some(st) => match health(&st) {
+                    Ok(()) => text(StatusCode::OK, "ok\n".into()),
+                    Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                },
+            },
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found (try /status, /status.json, /metrics, /healthz)\n".into(),
+            ),
+        }
     }
 }
 
@@ -65,82 +109,19 @@ pub fn health(st: &StatusReport) -> Result<(), String> {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        if req.method != http::Method::GET && req.method != http::Method::HEAD {
-            return reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                b"GET only\n".to_vec(),
-            );
+        let head = req.method == http::Method::HEAD;
+        if req.method != http::Method::GET && !head {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n".into());
+            r.headers_mut()
+                .insert("allow", http::HeaderValue::from_static("GET, HEAD"));
+            return r;
         }
         let path = req.uri.path().to_string();
-        match path.as_str() {
-            "/" | "/status" => reply(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                STATUS_PAGE.as_bytes().to_vec(),
-            ),
-            "/status.json" => match self.supervisor.status().await {
-                Some(st) => reply(
-                    StatusCode::OK,
-                    "application/json",
-                    serde_json::to_vec(&st).unwrap_or_default(),
-                ),
-                None => reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    b"stopping\n".to_vec(),
-                ),
-            },
-            "/metrics" => {
-                // Per-worker gauges are refreshed from live counters at scrape time.
-                if let Some(st) = self.supervisor.status().await {
-                    for w in &st.workers {
-                        METRICS
-                            .in_flight
-                            .with_label_values(&[&w.name])
-                            .set(w.in_flight as i64);
-                        for state in [
-                            "starting",
-                            "ready",
-                            "draining",
-                            "stopping",
-                            "exited",
-                            "crashloop",
-                        ] {
-                            let n = w.instances.iter().filter(|i| i.state == state).count();
-                            METRICS
-                                .instances
-                                .with_label_values(&[&w.name, state])
-                                .set(n as i64);
-                        }
-                    }
-                }
-                reply(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4",
-                    METRICS.render().into_bytes(),
-                )
-            }
-            "/healthz" => match self.supervisor.status().await {
-                None => reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    b"tqproxy is stopping\n".to_vec(),
-                ),
-                Some(st) => match health(&st) {
-                    Ok(()) => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-                    Err(why) => reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        format!("{why}\n").into_bytes(),
-                    ),
-                },
-            },
-            _ => reply(
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                b"not found (try /status, /metrics, /healthz)\n".to_vec(),
-            ),
+        let mut r = self.route(&path).await;
+        if head {
+            // Same headers (content-length included), no body.
+            r.body_mut().clear();
         }
+        r
     }
 }

@@ -42,6 +42,21 @@ pub enum Command {
         /// Development: watch worker.yaml files and programs, rebuild and roll on change.
         #[arg(long)]
         watch: bool,
+        /// Internal (used by `tqproxy upgrade`): take over from the tqproxy with this pid.
+        #[arg(long, hide = true)]
+        upgrade_from: Option<u32>,
+    },
+    /// Replace the running tqproxy by a new binary without dropping a connection.
+    ///
+    /// The new process starts its own instances, takes over the listening sockets once they
+    /// are ready, and the old process drains and stops.
+    Upgrade {
+        /// The new tqproxy binary (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// How long to wait for the handover.
+        #[arg(long, default_value = "180s", value_parser = parse_duration_arg)]
+        timeout: Duration,
     },
     /// Validate the configuration and every worker.yaml; exit 0 or 1.
     Check,
@@ -88,7 +103,20 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 /// Runs the parsed command; returns the exit code.
 pub fn dispatch(cli: Cli) -> i32 {
     match cli.command {
-        Command::Run { watch } => crate::server::run(&cli.config, watch),
+        Command::Run {
+            watch,
+            upgrade_from,
+        } => crate::server::run(
+            &cli.config,
+            crate::server::RunOptions {
+                watch,
+                upgrade_from,
+            },
+        ),
+        Command::Upgrade {
+            ref binary,
+            timeout,
+        } => upgrade(&cli, binary.as_deref(), timeout),
         Command::Check => check(&cli.config),
         other => {
             let socket = match &cli.socket {
@@ -119,18 +147,7 @@ pub fn dispatch(cli: Cli) -> i32 {
 fn check(path: &Path) -> i32 {
     match Config::load(path) {
         Ok(c) => {
-            let mut problems = Vec::new();
-            for w in c.workers.values() {
-                let spec = match &w.sandbox.seccomp {
-                    crate::config::SeccompSetting::Profile(p) => {
-                        crate::sandbox::SeccompSpec::Profile(p.clone())
-                    }
-                    _ => continue,
-                };
-                if let Err(e) = crate::sandbox::check_seccomp(&spec) {
-                    problems.push(format!("{}: sandbox.seccomp: {e}", w.file.display()));
-                }
-            }
+            let problems = crate::supervisor::check_workers(&c);
             if !problems.is_empty() {
                 for p in problems {
                     eprintln!("{p}");
@@ -163,6 +180,110 @@ fn running(pid: nix::unistd::Pid) -> bool {
                 != Some("Z")
         }
         Err(_) => nix::sys::signal::kill(pid, None).is_ok(),
+    }
+}
+
+/// `tqproxy upgrade`: ask the running tqproxy to start the new binary in upgrade mode (so it
+/// stays in the same service/cgroup), then wait until it has taken over and the old one exited.
+fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
+    // The new process will read the same files: refuse early if they are broken.
+    if let Err(e) = Config::load(&cli.config) {
+        eprintln!("configuration invalid, nothing changed:\n{e}");
+        return 1;
+    }
+    let socket = match &cli.socket {
+        Some(s) => s.clone(),
+        None => match Config::control_socket_of(&cli.config) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{e}");
+                return 3;
+            }
+        },
+    };
+    let exe = match binary {
+        Some(b) => crate::config::absolute(b),
+        None => match std::env::current_exe() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("cannot find this binary: {e}");
+                return 1;
+            }
+        },
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return 1;
+        }
+    };
+    let ask = |req: ControlRequest| rt.block_on(call(&socket, &req, Duration::from_secs(10)));
+    let old = match ask(ControlRequest::Ping {}) {
+        Ok(ControlResponse::Pong { pid, .. }) => pid,
+        Ok(other) => {
+            eprintln!("unexpected response: {other:?}");
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return 3;
+        }
+    };
+    let started = Instant::now();
+    let (new, log) = match ask(ControlRequest::Upgrade {
+        binary: exe.clone(),
+    }) {
+        Ok(ControlResponse::Upgrading { pid, log }) => (pid, log),
+        Ok(ControlResponse::Error { message }) => {
+            eprintln!("error: {message}");
+            return 1;
+        }
+        Ok(other) => {
+            eprintln!("unexpected response: {other:?}");
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    println!(
+        "started {} (pid {new}); its output goes to {}",
+        exe.display(),
+        log.display()
+    );
+    let old_pid = nix::unistd::Pid::from_raw(old as i32);
+    let new_pid = nix::unistd::Pid::from_raw(new as i32);
+    loop {
+        if !running(new_pid) {
+            eprintln!(
+                "the new tqproxy (pid {new}) exited before taking over; pid {old} keeps serving (see {})",
+                log.display()
+            );
+            return 1;
+        }
+        if !running(old_pid)
+            && let Ok(ControlResponse::Pong { pid, .. }) = ask(ControlRequest::Ping {})
+            && pid == new
+        {
+            println!(
+                "upgraded: pid {old} → {new} in {} ms",
+                started.elapsed().as_millis()
+            );
+            return 0;
+        }
+        if started.elapsed() > timeout {
+            eprintln!(
+                "the handover did not finish within {}",
+                humantime::format_duration(timeout)
+            );
+            return 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -211,7 +332,9 @@ async fn client(cmd: Command, socket: &Path) -> i32 {
         ),
         Command::Reload => (ControlRequest::Reload {}, long),
         Command::Stop { .. } => (ControlRequest::Stop {}, Duration::from_secs(10)),
-        Command::Run { .. } | Command::Check => unreachable!("handled by dispatch"),
+        Command::Run { .. } | Command::Check | Command::Upgrade { .. } => {
+            unreachable!("handled by dispatch")
+        }
     };
     let resp = match call(socket, &req, timeout).await {
         Ok(r) => r,

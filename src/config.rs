@@ -175,8 +175,8 @@ fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawGlobal {
-    #[serde(default = "default_listen")]
-    listen: Vec<String>,
+    #[serde(default = "default_listen_items")]
+    listen: Vec<RawListenItem>,
     #[serde(default)]
     control: RawControl,
     #[serde(default = "default_workers_dir")]
@@ -197,8 +197,94 @@ struct RawGlobal {
     cgroups: RawCgroups,
 }
 
-fn default_listen() -> Vec<String> {
-    vec!["127.0.0.1:8080".into()]
+fn default_listen() -> Vec<RawListen> {
+    vec![RawListen {
+        addr: "127.0.0.1:8080".into(),
+        tls: None,
+        redirect_https: None,
+    }]
+}
+
+fn default_listen_items() -> Vec<RawListenItem> {
+    default_listen().into_iter().map(RawListenItem).collect()
+}
+
+/// A listener: `"IP:PORT"` or `{ addr, tls: {…}, redirect_https: true|PORT }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    addr: String,
+    tls: Option<RawTls>,
+    redirect_https: Option<RawRedirect>,
+}
+
+impl RawListen {
+    fn deserialize_any<'de, D: Deserializer<'de>>(d: D) -> Result<RawListen, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = RawListen;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address like \"127.0.0.1:8080\" or a map with `addr`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawListen, E> {
+                Ok(RawListen {
+                    addr: v.to_string(),
+                    tls: None,
+                    redirect_https: None,
+                })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawListen, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Full {
+                    addr: String,
+                    tls: Option<RawTls>,
+                    redirect_https: Option<RawRedirect>,
+                }
+                let f = Full::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawListen {
+                    addr: f.addr,
+                    tls: f.tls,
+                    redirect_https: f.redirect_https,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawListenItem {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        RawListen::deserialize_any(d).map(RawListenItem)
+    }
+}
+
+/// Wrapper so `listen` entries accept both forms.
+#[derive(Debug)]
+struct RawListenItem(RawListen);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+    #[serde(default)]
+    certificates: Vec<RawCert>,
+    h2: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCert {
+    cert: String,
+    key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawRedirect {
+    On(bool),
+    Port(u16),
 }
 fn default_workers_dir() -> String {
     "../workers".into()
@@ -235,6 +321,8 @@ struct RawDefaults {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawProxy {
+    #[serde(default)]
+    h2c: bool,
     threads: Option<usize>,
     upstream_keepalive_pool: Option<usize>,
     upstream_idle_timeout: Option<HumanDuration>,
@@ -454,12 +542,34 @@ pub enum Namespace {
     User,
 }
 
+/// A public listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub kind: ListenerKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenerKind {
+    /// Plain HTTP (HTTP/1.1; HTTP/2 too with `proxy.h2c`).
+    Plain,
+    /// TLS with certificates chosen by SNI (the first is the default); HTTP/2 via ALPN.
+    Tls {
+        certificates: Vec<crate::tls::CertFiles>,
+        h2: bool,
+    },
+    /// Answers every request with a redirect to `https://<host>:<port>` (port 443 omitted).
+    RedirectHttps { port: u16 },
+}
+
 /// The whole configuration: the global file plus every enabled worker.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The global file, absolute.
     pub file: PathBuf,
+    /// Every listener's address (see `listeners` for what each does).
     pub listen: Vec<SocketAddr>,
+    pub listeners: Vec<Listener>,
     pub control_socket: PathBuf,
     pub admin: Option<SocketAddr>,
     pub workers_dir: PathBuf,
@@ -475,6 +585,8 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxySettings {
+    /// Accept HTTP/2 without TLS (prior knowledge) on plain listeners.
+    pub h2c: bool,
     /// Proxy threads (default: available cores).
     pub threads: usize,
     /// Idle upstream connections kept per proxy thread (default 128).
@@ -555,7 +667,10 @@ pub struct RestartPolicy {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct IoSettings {
+    /// As configured (a device node or a path on the device).
     pub device: PathBuf,
+    /// The whole disk's major:minor.
+    pub numbers: (u32, u32),
     pub read_bps: Option<u64>,
     pub write_bps: Option<u64>,
     pub read_iops: Option<u64>,
@@ -755,26 +870,87 @@ impl Config {
         };
 
         let mut listen = Vec::new();
-        for (i, l) in raw.listen.iter().enumerate() {
-            match l.parse::<SocketAddr>() {
-                Ok(a) => {
-                    if listen.contains(&a) {
-                        errors.push(ctx.err(
-                            &["listen"],
-                            Some(l),
-                            format!("listen[{i}]"),
-                            format!("`{l}` is listed twice"),
-                        ));
-                    }
-                    listen.push(a)
+        let mut listeners = Vec::new();
+        for (i, item) in raw.listen.iter().enumerate() {
+            let l = &item.0;
+            let key = format!("listen[{i}]");
+            let addr = match l.addr.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    errors.push(ctx.err(
+                        &["listen"],
+                        Some(&l.addr),
+                        key,
+                        format!("invalid address `{}` (expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080)", l.addr),
+                    ));
+                    continue;
                 }
-                Err(_) => errors.push(ctx.err(
+            };
+            if listen.contains(&addr) {
+                errors.push(ctx.err(
                     &["listen"],
-                    Some(l),
-                    format!("listen[{i}]"),
-                    format!("invalid address `{l}` (expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080)"),
-                )),
+                    Some(&l.addr),
+                    key.clone(),
+                    format!("`{}` is listed twice", l.addr),
+                ));
             }
+            listen.push(addr);
+            let kind = match (&l.tls, &l.redirect_https) {
+                (Some(_), Some(_)) => {
+                    errors.push(ctx.err(
+                        &["listen"],
+                        Some(&l.addr),
+                        key,
+                        "a listener is either `tls` or `redirect_https`, not both".into(),
+                    ));
+                    continue;
+                }
+                (None, None) => ListenerKind::Plain,
+                (None, Some(RawRedirect::On(false))) => ListenerKind::Plain,
+                (None, Some(RawRedirect::On(true))) => ListenerKind::RedirectHttps { port: 443 },
+                (None, Some(RawRedirect::Port(p))) => ListenerKind::RedirectHttps { port: *p },
+                (Some(t), None) => {
+                    let mut certificates: Vec<crate::tls::CertFiles> = t
+                        .certificates
+                        .iter()
+                        .map(|c| crate::tls::CertFiles {
+                            cert: resolve(&dir, &c.cert),
+                            key: resolve(&dir, &c.key),
+                        })
+                        .collect();
+                    match (&t.cert, &t.key) {
+                        (Some(c), Some(k)) => certificates.insert(
+                            0,
+                            crate::tls::CertFiles {
+                                cert: resolve(&dir, c),
+                                key: resolve(&dir, k),
+                            },
+                        ),
+                        (None, None) => {}
+                        _ => errors.push(ctx.err(
+                            &["listen", "tls"],
+                            None,
+                            format!("{key}.tls"),
+                            "`cert` and `key` go together".into(),
+                        )),
+                    }
+                    if certificates.is_empty() {
+                        errors.push(ctx.err(
+                            &["listen", "tls"],
+                            None,
+                            format!("{key}.tls"),
+                            "needs `cert` and `key` (or `certificates: [{cert, key}, …]`)".into(),
+                        ));
+                    } else if let Err(e) = crate::tls::CertStore::load(&certificates) {
+                        errors.push(ctx.err(&["listen", "tls"], None, format!("{key}.tls"), e));
+                    }
+                    ListenerKind::Tls {
+                        certificates,
+                        h2: t.h2.unwrap_or(true),
+                    }
+                }
+            };
+            listeners.push(Listener { addr, kind });
         }
         if raw.listen.is_empty() {
             errors.push(ctx.err(
@@ -873,6 +1049,7 @@ impl Config {
             ));
         }
         let proxy = ProxySettings {
+            h2c: raw.proxy.h2c,
             threads: threads.clamp(1, 256),
             upstream_keepalive_pool: raw.proxy.upstream_keepalive_pool.unwrap_or(128),
             upstream_idle_timeout: raw
@@ -987,6 +1164,7 @@ impl Config {
         Ok(Config {
             file,
             listen,
+            listeners,
             control_socket,
             admin,
             workers_dir,
@@ -1409,14 +1587,20 @@ fn worker_resources(
     }
     if let Some(io) = &r.io {
         let device = resolve(dir, io.device.as_deref().unwrap_or("."));
-        if !device.exists() {
-            errors.push(ctx.err(
-                &["resources", "io", "device"],
-                None,
-                "resources.io.device",
-                format!("{} does not exist", device.display()),
-            ));
-        }
+        // The block device (whole disk) whose bandwidth is limited: the device node itself,
+        // or the one holding the given path.
+        let numbers = match crate::sandbox::block_device_of(&device) {
+            Ok(n) => n,
+            Err(e) => {
+                errors.push(ctx.err(
+                    &["resources", "io", "device"],
+                    None,
+                    "resources.io.device",
+                    format!("{}: no block device to limit ({e})", device.display()),
+                ));
+                (0, 0)
+            }
+        };
         if io.read_bps.is_none()
             && io.write_bps.is_none()
             && io.read_iops.is_none()
@@ -1431,6 +1615,7 @@ fn worker_resources(
         }
         res.io = Some(IoSettings {
             device,
+            numbers,
             read_bps: io.read_bps.map(|s| s.0),
             write_bps: io.write_bps.map(|s| s.0),
             read_iops: io.read_iops,

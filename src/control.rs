@@ -42,6 +42,11 @@ pub enum ControlRequest {
     },
     Reload {},
     Stop {},
+    /// Start `binary` as the successor of this process (`tqproxy upgrade`). Spawned by the
+    /// running tqproxy, so the new process stays in the same service (systemd unit, cgroup).
+    Upgrade {
+        binary: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -51,6 +56,7 @@ pub enum ControlResponse {
     Status(StatusReport),
     Outcome(Outcome),
     Stopping { pid: u32 },
+    Upgrading { pid: u32, log: PathBuf },
     Error { message: String },
 }
 
@@ -101,6 +107,16 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
     Ok(l)
 }
 
+/// Binds the socket even if another tqproxy listens on it (`tqproxy upgrade`: the new process
+/// takes the path over; the old one keeps its already-accepted connections).
+pub fn bind_replacing(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+    }
+    bind(path)
+}
+
 /// Removes the socket file if it is still the one we created (a newer tqproxy may own the
 /// path after an upgrade).
 pub fn unlink_if_ours(path: &Path, ino: u64) {
@@ -110,6 +126,44 @@ pub fn unlink_if_ours(path: &Path, ino: u64) {
 }
 
 impl ControlService {
+    /// `tqproxy run --upgrade-from <our pid>` with `binary`, output appended to
+    /// `logs/tqproxy.log`, in its own process group (a terminal's ^C must not reach it).
+    async fn spawn_successor(&self, binary: &Path) -> Result<(u32, PathBuf), String> {
+        use std::os::unix::process::CommandExt;
+        if !binary.is_absolute() || !binary.is_file() {
+            return Err(format!(
+                "{} is not an absolute path to a file",
+                binary.display()
+            ));
+        }
+        let config = self
+            .supervisor
+            .config()
+            .await
+            .ok_or("tqproxy is shutting down")?;
+        std::fs::create_dir_all(&config.logs_dir)
+            .map_err(|e| format!("{}: {e}", config.logs_dir.display()))?;
+        let log_path = config.logs_dir.join("tqproxy.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        let out = log.try_clone().map_err(|e| e.to_string())?;
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(&config.file)
+            .args(["run", "--upgrade-from", &std::process::id().to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        tracing::info!(pid = child.id(), binary = %binary.display(), "upgrade: started the new tqproxy");
+        Ok((child.id(), log_path))
+    }
+
     pub async fn serve(self, listener: std::os::unix::net::UnixListener) {
         let listener = match UnixListener::from_std(listener) {
             Ok(l) => l,
@@ -167,6 +221,10 @@ impl ControlService {
         out.push(b'\n');
         let _ = write.write_all(&out).await;
         let _ = write.shutdown().await;
+        // Only now: the client has its answer before the process starts going away.
+        if matches!(response, ControlResponse::Stopping { .. }) {
+            self.stop.notify_one();
+        }
     }
 
     async fn dispatch(&self, req: ControlRequest) -> ControlResponse {
@@ -201,8 +259,12 @@ impl ControlService {
                 outcome(s.request(Request::Rollback { worker }).await)
             }
             ControlRequest::Reload {} => outcome(s.request(Request::Reload).await),
+            ControlRequest::Upgrade { binary } => match self.spawn_successor(&binary).await {
+                Ok((pid, log)) => ControlResponse::Upgrading { pid, log },
+                Err(message) => ControlResponse::Error { message },
+            },
             ControlRequest::Stop {} => {
-                self.stop.notify_one();
+                // The shutdown itself is triggered by `handle` once this answer is written.
                 ControlResponse::Stopping {
                     pid: std::process::id(),
                 }

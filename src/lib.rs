@@ -31,3 +31,4 @@ pub mod sandbox;
 pub mod server;
 pub mod supervisor;
 pub mod timefmt;
+pub mod tls;

@@ -5,6 +5,7 @@
 //! headers, and in `logging()` the release of the slot plus a few pre-resolved metric updates.
 //! The slow paths (no ready instance, retries) are kept out of the fast one.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,16 +27,65 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Set when this process hands its listening sockets to a new tqproxy (`tqproxy upgrade`):
+/// from then on every response asks the client to reconnect (`Connection: close`), so keep-alive
+/// clients move to the new process instead of finding their connection closed under them.
+pub static CLOSE_CONNECTIONS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// The proxy. Cheap to share: everything lives behind `Arc`s.
 pub struct Proxy {
     routes: Arc<RouteHandle>,
     access_log: Option<AccessLog>,
+    /// Listener port → https port, for listeners that only redirect to https.
+    redirects: HashMap<u16, u16>,
 }
 
 impl Proxy {
-    pub fn new(routes: Arc<RouteHandle>, access_log: Option<AccessLog>) -> Proxy {
-        Proxy { routes, access_log }
+    pub fn new(
+        routes: Arc<RouteHandle>,
+        access_log: Option<AccessLog>,
+        redirects: HashMap<u16, u16>,
+    ) -> Proxy {
+        Proxy {
+            routes,
+            access_log,
+            redirects,
+        }
     }
+
+    /// The https port when the request came in on a redirect-only listener.
+    fn redirect_port(&self, session: &Session) -> Option<u16> {
+        if self.redirects.is_empty() {
+            return None;
+        }
+        let local = session.server_addr()?.as_inet()?.port();
+        self.redirects.get(&local).copied()
+    }
+}
+
+/// `https://host[:port]/path?query` for a request on a redirect-only listener.
+fn https_location(req: &RequestHeader, port: u16) -> Option<String> {
+    let host = request_host(req)?;
+    let bare = match host.rfind(':') {
+        Some(i) if !host.ends_with(']') && host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => {
+            &host[..i]
+        }
+        _ => host,
+    };
+    if bare.is_empty()
+        || bare
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'@')
+    {
+        return None;
+    }
+    let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    Some(if port == 443 {
+        format!("https://{bare}{pq}")
+    } else {
+        format!("https://{bare}:{port}{pq}")
+    })
 }
 
 /// Per-request state.
@@ -234,10 +284,38 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         let req = session.req_header();
+        if let Some(port) = self.redirect_port(session) {
+            // ACME http-01 challenges stay on plain HTTP (a worker may serve them).
+            if !req.uri.path().starts_with("/.well-known/acme-challenge/") {
+                let Some(location) = https_location(req, port) else {
+                    respond(
+                        session,
+                        400,
+                        "Bad Request: no usable Host header to redirect to",
+                        None,
+                        None,
+                    )
+                    .await?;
+                    return Ok(true);
+                };
+                let status = if matches!(req.method, http::Method::GET | http::Method::HEAD) {
+                    301
+                } else {
+                    308
+                };
+                let mut resp = ResponseHeader::build(status, Some(3))?;
+                resp.insert_header("location", location)?;
+                resp.insert_header("content-length", "0")?;
+                resp.insert_header("cache-control", "max-age=3600")?;
+                session.write_response_header(Box::new(resp), true).await?;
+                return Ok(true);
+            }
+        }
+        let req = session.req_header();
         let table = self.routes.load();
         let Some(route) = table.lookup(request_host(req), req.uri.path()) else {
             drop(table);
-            METRICS.unrouted.with_label_values(&["no_route"]).inc();
+            METRICS.no_route.inc();
             let id = new_request_id();
             respond(
                 session,
@@ -357,11 +435,14 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         ctx.response_started = true;
+        if CLOSE_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
         if let Some(id) = &ctx.request_id {
             upstream_response.insert_header(X_REQUEST_ID.clone(), id.clone())?;
         }
@@ -392,6 +473,13 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
+        if *e.esource() != ErrorSource::Upstream {
+            // The client went away (or sent garbage): nothing to retry, the instance is fine.
+            ctx.release_instance(false);
+            let mut e = e;
+            e.set_retry(false);
+            return e;
+        }
         let kind = classify(&e);
         ctx.fail_instance(kind);
         let mut e = e.more_context(format!("peer: {peer}"));

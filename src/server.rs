@@ -18,11 +18,14 @@ use tokio::sync::Notify;
 
 use crate::access_log::AccessLog;
 use crate::admin::Admin;
-use crate::config::{Config, LogFormat};
+use std::collections::HashMap;
+
+use crate::config::{Config, ListenerKind, LogFormat};
 use crate::control::{self, ControlService};
 use crate::proxy::Proxy;
 use crate::routes::RouteHandle;
 use crate::supervisor::Supervisor;
+use crate::tls::{CertStore, SniResolver};
 
 /// Signals plus `tqproxy stop`, as pingora's shutdown trigger.
 struct Signals {
@@ -43,10 +46,14 @@ impl ShutdownSignalWatch for Signals {
             unreachable!()
         };
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: graceful stop"); ShutdownSignal::GracefulTerminate }
-            _ = int.recv() => { tracing::info!("SIGINT: graceful stop"); ShutdownSignal::GracefulTerminate }
-            _ = quit.recv() => { tracing::info!("SIGQUIT: graceful upgrade"); ShutdownSignal::GracefulUpgrade }
-            _ = self.stop.notified() => { tracing::info!("stop requested on the control socket"); ShutdownSignal::GracefulTerminate }
+            _ = term.recv() => { tracing::info!("SIGTERM: graceful stop"); sd_notify("STOPPING=1"); ShutdownSignal::GracefulTerminate }
+            _ = int.recv() => { tracing::info!("SIGINT: graceful stop"); sd_notify("STOPPING=1"); ShutdownSignal::GracefulTerminate }
+            _ = quit.recv() => {
+                tracing::info!("SIGQUIT: handing the listening sockets to the new tqproxy");
+                crate::proxy::CLOSE_CONNECTIONS.store(true, std::sync::atomic::Ordering::Relaxed);
+                ShutdownSignal::GracefulUpgrade
+            }
+            _ = self.stop.notified() => { tracing::info!("stop requested on the control socket"); sd_notify("STOPPING=1"); ShutdownSignal::GracefulTerminate }
         }
     }
 }
@@ -102,8 +109,18 @@ pub fn sd_notify(state: &str) {
     }
 }
 
+/// How `tqproxy run` was asked to start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunOptions {
+    /// Development hot reload.
+    pub watch: bool,
+    /// Take over from this running tqproxy (`tqproxy upgrade`): start our own instances, then
+    /// receive its listening sockets and let it drain and stop.
+    pub upgrade_from: Option<u32>,
+}
+
 /// `tqproxy run`. Returns the exit code when startup fails; otherwise never returns.
-pub fn run(config_path: &Path, watch: bool) -> i32 {
+pub fn run(config_path: &Path, opts: RunOptions) -> i32 {
     let config = match Config::load(config_path) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -116,16 +133,25 @@ pub fn run(config_path: &Path, watch: bool) -> i32 {
         eprintln!("cannot create {}: {e}", config.run_dir.display());
         return 1;
     }
-    let control_listener = match control::bind(&config.control_socket) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("{e}");
-            return 1;
+    // A fresh start owns the control socket now (and refuses to start twice); an upgrade
+    // takes it over only once its own instances are ready.
+    let control_listener = if opts.upgrade_from.is_some() {
+        None
+    } else {
+        match control::bind(&config.control_socket) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("{e}");
+                return 1;
+            }
         }
     };
-    let socket_ino = std::os::unix::fs::MetadataExt::ino(
-        &std::fs::metadata(&config.control_socket).expect("socket just bound"),
-    );
+    let socket_ino = Arc::new(std::sync::atomic::AtomicU64::new(
+        control_listener
+            .as_ref()
+            .and_then(|_| std::fs::metadata(&config.control_socket).ok())
+            .map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m)),
+    ));
     let access_log = match &config.log.access_log {
         None => None,
         Some(p) => match AccessLog::open(p, config.log.access_format) {
@@ -158,12 +184,22 @@ pub fn run(config_path: &Path, watch: bool) -> i32 {
             .to_string(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
+    let opt = pingora::server::configuration::Opt {
+        upgrade: opts.upgrade_from.is_some(),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    let bootstrap = if opts.upgrade_from.is_some() {
+        Some(server.bootstrap_as_a_service())
+    } else {
+        server.bootstrap();
+        None
+    };
     tracing::info!(
         config = %config.file.display(),
         threads = config.proxy.threads,
         workers = config.workers.len(),
+        upgrade_from = opts.upgrade_from,
         "tqproxy {} starting",
         env!("CARGO_PKG_VERSION")
     );
@@ -172,11 +208,18 @@ pub fn run(config_path: &Path, watch: bool) -> i32 {
     let stop = Arc::new(Notify::new());
     let supervisor = Supervisor::new(config.clone(), routes.clone());
     let sup_handle = supervisor.handle();
-    supervisor.set_watch(watch);
-    supervisor.on_ready(|| sd_notify("READY=1\nSTATUS=all workers started"));
+    supervisor.set_watch(opts.watch);
+    if opts.upgrade_from.is_none() {
+        supervisor.on_ready(|| sd_notify("READY=1\nSTATUS=all workers started"));
+    }
     let socket_path = config.control_socket.clone();
+    let ino = socket_ino.clone();
+    let final_log = access_log.clone();
     supervisor.on_stopped(move || {
-        control::unlink_if_ours(&socket_path, socket_ino);
+        control::unlink_if_ours(&socket_path, ino.load(std::sync::atomic::Ordering::SeqCst));
+        if let Some(log) = final_log {
+            log.flush(Duration::from_secs(2));
+        }
         tracing::info!("stopped");
         std::process::exit(0);
     });
@@ -186,29 +229,112 @@ pub fn run(config_path: &Path, watch: bool) -> i32 {
         sup_handle.clone(),
         stop.clone(),
     );
-    let control_task = Task(std::sync::Mutex::new(Some(control.serve(control_listener))));
+    let (listener_tx, listener_rx) = tokio::sync::oneshot::channel();
+    let control_task = Task(std::sync::Mutex::new(Some(async move {
+        let listener = match control_listener {
+            Some(l) => l,
+            None => match listener_rx.await {
+                Ok(l) => l,
+                Err(_) => return,
+            },
+        };
+        control.serve(listener).await
+    })));
     server.add_service(background_service("control", control_task));
     let sup_service = server.add_service(background_service("supervisor", supervisor));
 
+    // Listen only once the workers are up (and, for an upgrade, once the old process handed
+    // over its sockets): no connection is accepted that could not be served.
+    let listeners_after = match (opts.upgrade_from, &bootstrap) {
+        (Some(old), Some(boot)) => {
+            let handover = Handover {
+                old,
+                supervisor: sup_handle.clone(),
+                config: config.clone(),
+                listener: std::sync::Mutex::new(Some(listener_tx)),
+                socket_ino: socket_ino.clone(),
+            };
+            let h = server.add_service(background_service("handover", handover));
+            h.add_dependency(&sup_service);
+            boot.add_dependency(&sup_service);
+            boot.clone()
+        }
+        _ => sup_service.clone(),
+    };
+
+    // Listeners: plain, TLS (certificates by SNI, hot-swappable), or redirect to https.
+    let mut resolvers: Vec<(std::net::SocketAddr, Arc<SniResolver>)> = Vec::new();
+    let mut redirects: HashMap<u16, u16> = HashMap::new();
+    let mut tls_settings = Vec::new();
+    for l in &config.listeners {
+        match &l.kind {
+            ListenerKind::Plain => {}
+            ListenerKind::RedirectHttps { port } => {
+                redirects.insert(l.addr.port(), *port);
+            }
+            ListenerKind::Tls { certificates, h2 } => {
+                let store = match CertStore::load(certificates) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return 1;
+                    }
+                };
+                for line in &store.summary {
+                    tracing::info!(listener = %l.addr, "certificate {line}");
+                }
+                let resolver = Arc::new(SniResolver::new(store));
+                let mut settings = match pingora::listeners::tls::TlsSettings::intermediate("", "")
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("TLS settings for {}: {e}", l.addr);
+                        return 1;
+                    }
+                };
+                settings.set_cert_resolver(resolver.clone());
+                if *h2 {
+                    settings.enable_h2();
+                }
+                tls_settings.push((l.addr, settings));
+                resolvers.push((l.addr, resolver));
+            }
+        }
+    }
+    sup_handle.set_tls_reloader(Arc::new(move |c: &Config| {
+        reload_certificates(&resolvers, c)
+    }));
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Proxy::new(routes, access_log),
+        Proxy::new(routes, access_log, redirects),
         "proxy",
     );
-    for addr in &config.listen {
-        proxy.add_tcp(&addr.to_string());
+    if config.proxy.h2c
+        && let Some(app) = proxy.app_logic_mut()
+    {
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
+    for l in &config.listeners {
+        if !matches!(l.kind, ListenerKind::Tls { .. }) {
+            proxy.add_tcp(&l.addr.to_string());
+        }
+    }
+    for (addr, settings) in tls_settings {
+        proxy.add_tls_with_settings(&addr.to_string(), None, settings);
     }
     let proxy_handle = server.add_service(proxy);
+    proxy_handle.add_dependency(&listeners_after);
     if let Some(addr) = config.admin {
         let mut admin = pingora::services::listening::Service::new(
             "admin".to_string(),
             Admin::new(sup_handle.clone()),
         );
         admin.add_tcp(&addr.to_string());
-        server.add_service(admin);
+        let admin_handle = server.add_service(admin);
+        admin_handle.add_dependency(&listeners_after);
     }
-    // Listen only once the workers are up: no connection is accepted that could not be served.
-    proxy_handle.add_dependency(&sup_service);
 
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals { stop }),
@@ -217,4 +343,112 @@ pub fn run(config_path: &Path, watch: bool) -> i32 {
     tracing::warn!("grace period over before every instance stopped");
     std::thread::sleep(Duration::from_millis(100));
     0
+}
+
+/// Reload: load every TLS listener's certificates again (all of them, before replacing any);
+/// any error leaves every listener with its current certificates.
+fn reload_certificates(
+    resolvers: &[(std::net::SocketAddr, Arc<SniResolver>)],
+    config: &Config,
+) -> Result<Vec<String>, String> {
+    let mut stores = Vec::new();
+    for (addr, resolver) in resolvers {
+        let files = config.listeners.iter().find_map(|l| match &l.kind {
+            ListenerKind::Tls { certificates, .. } if l.addr == *addr => Some(certificates),
+            _ => None,
+        });
+        // A listener removed from the configuration keeps serving until `tqproxy upgrade`.
+        let Some(files) = files else { continue };
+        let store = CertStore::load(files).map_err(|e| format!("TLS listener {addr}: {e}"))?;
+        stores.push((addr, resolver, store));
+    }
+    let mut lines = Vec::new();
+    for (addr, resolver, store) in stores {
+        lines.push(format!("TLS {addr}: {}", store.summary.join("; ")));
+        resolver.replace(store);
+    }
+    Ok(lines)
+}
+
+/// The new process's side of `tqproxy upgrade`, once its own instances are up: check them,
+/// take over the control socket, and tell the old process (SIGQUIT) to hand over its
+/// listening sockets — pingora's bootstrap receives them — then drain and stop.
+struct Handover {
+    old: u32,
+    supervisor: crate::supervisor::SupervisorHandle,
+    config: Arc<Config>,
+    listener:
+        std::sync::Mutex<Option<tokio::sync::oneshot::Sender<std::os::unix::net::UnixListener>>>,
+    socket_ino: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for Handover {
+    async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
+        let abort = |why: String| -> ! {
+            tracing::error!(
+                "upgrade aborted, the old tqproxy (pid {}) keeps serving: {why}",
+                self.old
+            );
+            eprintln!("upgrade aborted: {why}");
+            std::process::exit(1);
+        };
+        let Some(st) = self.supervisor.status().await else {
+            abort("supervisor gone".into())
+        };
+        let not_ready: Vec<String> = st
+            .workers
+            .iter()
+            .filter(|w| {
+                w.instances.iter().filter(|i| i.state == "ready").count() < w.desired as usize
+            })
+            .map(|w| {
+                let why = w
+                    .instances
+                    .iter()
+                    .find_map(|i| i.last_exit.clone())
+                    .unwrap_or_default();
+                format!("{} ({why})", w.name)
+            })
+            .collect();
+        if !not_ready.is_empty() {
+            // Our own instances go with us; the old process was never told anything.
+            self.supervisor.shutdown().await;
+            abort(format!("workers not ready: {}", not_ready.join(", ")));
+        }
+        let listener = match control::bind_replacing(&self.config.control_socket) {
+            Ok(l) => l,
+            Err(e) => abort(e),
+        };
+        if let Ok(m) = std::fs::metadata(&self.config.control_socket) {
+            self.socket_ino.store(
+                std::os::unix::fs::MetadataExt::ino(&m),
+                std::sync::atomic::Ordering::SeqCst,
+            );
+        }
+        if let Some(tx) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = tx.send(listener);
+        }
+        // Let pingora's bootstrap start listening on the upgrade socket first (both sides
+        // retry for several seconds anyway).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let old = nix::unistd::Pid::from_raw(self.old as i32);
+        if let Err(e) = nix::sys::signal::kill(old, nix::sys::signal::Signal::SIGQUIT) {
+            abort(format!("cannot signal pid {}: {e}", self.old));
+        }
+        tracing::info!(
+            old = self.old,
+            "asked the old tqproxy to hand over its listening sockets"
+        );
+        sd_notify(&format!(
+            "MAINPID={}\nREADY=1\nSTATUS=upgraded from pid {}",
+            std::process::id(),
+            self.old
+        ));
+    }
 }

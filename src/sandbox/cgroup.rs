@@ -602,11 +602,19 @@ impl InstanceCgroup {
     fn apply_v1(&self, l: &CgroupLimits) -> Result<(), SandboxError> {
         let f = |c: &str, name: &str| self.file(c, name).expect("controller checked by create");
         if let Some(m) = l.memory_max {
-            write(&f("memory", "memory.limit_in_bytes"), &m.to_string())?;
-            // memsw must stay >= limit_in_bytes: written after it.
+            let limit = f("memory", "memory.limit_in_bytes");
             let memsw = f("memory", "memory.memsw.limit_in_bytes");
-            if memsw.exists() {
-                write(&memsw, &m.to_string())?;
+            let value = m.to_string();
+            // The kernel keeps memsw >= limit_in_bytes (EINVAL otherwise): lowering, memsw is
+            // written last; raising above the current memsw (a reused cgroup), first.
+            if !memsw.exists() {
+                write(&limit, &value)?;
+            } else if read_u64(&memsw).is_some_and(|current| m > current) {
+                write(&memsw, &value)?;
+                write(&limit, &value)?;
+            } else {
+                write(&limit, &value)?;
+                write(&memsw, &value)?;
             }
         }
         if let Some(h) = l.memory_high {

@@ -7,7 +7,8 @@
 //! `prctl(PR_SET_PDEATHSIG)`). The helper ([`helper_main`]) then applies, in this order, and
 //! execs the worker:
 //!
-//! 1. join the instance's cgroup (write `0` to every `cgroup.procs` in the spec)
+//! 1. join the instance's cgroup (write `0` to every `cgroup.procs` in the spec; on v1 to the
+//!    sibling `tasks`, which moves the single thread without the kernel's global lock)
 //! 2. rlimits (`RLIMIT_NOFILE`, `RLIMIT_CORE` = 0 unless configured, …)
 //! 3. `setsid` (own session and process group)
 //! 4. namespaces: the user namespace first (uid/gid maps written by a short-lived process

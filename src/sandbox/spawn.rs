@@ -10,6 +10,9 @@ use super::{HELPER_ARG, SPEC_ENV, SandboxError, SpawnSpec, check_consistency};
 /// The fd a listening socket is passed on (systemd's `SD_LISTEN_FDS_START`).
 pub(crate) const LISTEN_FD: RawFd = 3;
 
+/// Set in the helper's environment: no eager arena commit by mimalloc (see [`Spawner::spawn`]).
+pub(crate) const HELPER_ALLOCATOR_ENV: (&str, &str) = ("MIMALLOC_ARENA_EAGER_COMMIT", "0");
+
 /// Where the instance's output goes and the socket it serves on.
 pub struct SpawnIo {
     pub stdout: Stdio,
@@ -84,6 +87,12 @@ impl Spawner {
         cmd.arg(HELPER_ARG)
             .env_clear()
             .env(SPEC_ENV, json)
+            // tqproxy's allocator (mimalloc, src/main.rs) commits its first arena eagerly, on
+            // huge pages where it can: 4 MiB resident in a helper that allocates a few KiB, and
+            // with a pid namespace the relay and init keep theirs for the instance's lifetime
+            // (measured: 4.6 MiB anonymous each, 0.75 MiB without). This reaches the helper
+            // only: the worker's environment is `spec.env`.
+            .env(HELPER_ALLOCATOR_ENV.0, HELPER_ALLOCATOR_ENV.1)
             .stdin(Stdio::null())
             .stdout(io.stdout)
             .stderr(io.stderr)

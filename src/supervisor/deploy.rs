@@ -546,6 +546,12 @@ async fn deploy_from_disk(
             loaded.workers_dir.display()
         ));
     };
+    super::check_worker(&loaded, &cfg).map_err(|e| {
+        format!(
+            "configuration invalid, nothing changed:\n{}: {e}",
+            cfg.file.display()
+        )
+    })?;
     let v = h.view(worker).await.ok_or_else(|| {
         format!("worker `{worker}` is not running; use `tqproxy reload` to add it")
     })?;
@@ -599,7 +605,35 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
         }
         Err(e) => return Outcome::single("-", Err(e.to_string())),
     };
+    let problems = super::check_workers(&loaded);
+    if !problems.is_empty() {
+        METRICS.reloads.with_label_values(&["failed"]).inc();
+        return Outcome::single(
+            "-",
+            Err(format!(
+                "configuration invalid, nothing changed:\n{}",
+                problems.join("\n")
+            )),
+        );
+    }
     let mut lines = Vec::new();
+    // Certificates first: a broken one fails the whole reload before anything changed.
+    if let Some(reload_tls) = h.tls_reloader.get() {
+        match reload_tls(&loaded) {
+            Ok(l) => lines.extend(l.into_iter().map(|message| OutcomeLine {
+                worker: "-".into(),
+                ok: true,
+                message,
+            })),
+            Err(e) => {
+                METRICS.reloads.with_label_values(&["failed"]).inc();
+                return Outcome::single(
+                    "-",
+                    Err(format!("configuration invalid, nothing changed:\n{e}")),
+                );
+            }
+        }
+    }
     if loaded.listen != current.listen {
         lines.push(OutcomeLine {
             worker: "-".into(),

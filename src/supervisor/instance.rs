@@ -85,19 +85,24 @@ pub fn launch(
         .map_err(|e| format!("cannot start {}: {e}", l.spec.program.display()))?;
     // The listening socket now lives in the child; our copy was dropped with `io`.
     let pid = child.id().unwrap_or(0);
+    let mut pumps = Vec::new();
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(
-            l.log
-                .clone()
-                .pump(out, l.id, l.generation, "out", l.tail.clone()),
-        );
+        pumps.push(tokio::spawn(l.log.clone().pump(
+            out,
+            l.id,
+            l.generation,
+            "out",
+            l.tail.clone(),
+        )));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(
-            l.log
-                .clone()
-                .pump(err, l.id, l.generation, "err", l.tail.clone()),
-        );
+        pumps.push(tokio::spawn(l.log.clone().pump(
+            err,
+            l.id,
+            l.generation,
+            "err",
+            l.tail.clone(),
+        )));
     }
     l.log.event(
         l.id,
@@ -115,6 +120,7 @@ pub fn launch(
     };
     report.send(Fact::Spawned { pid });
     let monitor = Monitor {
+        pumps,
         addr: SocketAddr::from(([127, 0, 0, 1], l.port)),
         config: l.config,
         cgroup: l.cgroup,
@@ -147,6 +153,8 @@ impl Reporter {
 }
 
 struct Monitor {
+    /// The tasks copying the instance's stdout/stderr into its log.
+    pumps: Vec<tokio::task::JoinHandle<()>>,
     addr: SocketAddr,
     config: Arc<WorkerConfig>,
     cgroup: Option<Arc<InstanceCgroup>>,
@@ -164,7 +172,7 @@ enum Phase {
 }
 
 impl Monitor {
-    async fn run(self, mut child: Child, mut ctl: mpsc::UnboundedReceiver<Ctl>) {
+    async fn run(mut self, mut child: Child, mut ctl: mpsc::UnboundedReceiver<Ctl>) {
         let health = &self.config.health;
         let mut phase = Phase::Starting {
             since: Instant::now(),
@@ -278,6 +286,16 @@ impl Monitor {
             })
             .await;
         }
+        // Its last words (a panic message, the sandbox helper's reason) belong in the log and
+        // in the exit description: let the pumps drain the pipes first (bounded: a leftover
+        // process could hold them open).
+        let pumps = std::mem::take(&mut self.pumps);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            for p in pumps {
+                let _ = p.await;
+            }
+        })
+        .await;
         let description = match &status {
             Ok(st) => describe(st, &self.tail),
             Err(e) => format!("wait failed: {e}"),

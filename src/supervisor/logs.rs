@@ -24,7 +24,8 @@ const TAIL_LINES: usize = 20;
 
 enum Msg {
     Line(String),
-    Close,
+    /// Flush and stop; acknowledge when the file is flushed.
+    Close(Option<mpsc::Sender<()>>),
 }
 
 /// The log of one worker. Cloning shares the writer.
@@ -68,9 +69,18 @@ impl WorkerLog {
         let _ = self.tx.send(Msg::Line(line));
     }
 
-    /// Flushes and closes the file (the worker was removed).
+    /// Flushes and closes the file (the worker was removed); does not wait.
     pub fn close(&self) {
-        let _ = self.tx.send(Msg::Close);
+        let _ = self.tx.send(Msg::Close(None));
+    }
+
+    /// Flushes and closes the file, waiting (up to `timeout`) until every line sent so far is
+    /// written: the last thing done before tqproxy exits.
+    pub fn close_and_wait(&self, timeout: Duration) {
+        let (ack, done) = mpsc::channel();
+        if self.tx.send(Msg::Close(Some(ack))).is_ok() {
+            let _ = done.recv_timeout(timeout);
+        }
     }
 
     /// Copies one stream of an instance into the log until EOF, keeping the last lines in
@@ -167,7 +177,14 @@ impl Writer {
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Msg::Line(l)) => self.write(&l),
-                Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
+                Ok(Msg::Close(ack)) => {
+                    let _ = self.out.flush();
+                    if let Some(ack) = ack {
+                        let _ = ack.send(());
+                    }
+                    return;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
                     let _ = self.out.flush();
                     return;
                 }

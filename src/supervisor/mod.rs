@@ -293,13 +293,23 @@ pub struct InstanceView {
 #[derive(Clone)]
 pub struct SupervisorHandle {
     tx: mpsc::UnboundedSender<Msg>,
+    tls_reloader: Arc<std::sync::OnceLock<TlsReloader>>,
     locks: Arc<std::sync::Mutex<HashMap<String, Arc<AsyncMutex<()>>>>>,
     reload_lock: Arc<AsyncMutex<()>>,
 }
 
 const GONE: &str = "tqproxy is shutting down";
 
+/// Reloads the TLS certificates of every listener from a new configuration (all or nothing);
+/// returns one line per listener.
+pub type TlsReloader = Arc<dyn Fn(&Config) -> Result<Vec<String>, String> + Send + Sync>;
+
 impl SupervisorHandle {
+    /// Installs the certificate reload step of `tqproxy reload` (once, at startup).
+    pub fn set_tls_reloader(&self, f: TlsReloader) {
+        let _ = self.tls_reloader.set(f);
+    }
+
     fn send(&self, m: Msg) {
         let _ = self.tx.send(m);
     }
@@ -554,6 +564,7 @@ impl Supervisor {
         Supervisor {
             handle: SupervisorHandle {
                 tx,
+                tls_reloader: Default::default(),
                 locks: Default::default(),
                 reload_lock: Default::default(),
             },
@@ -716,7 +727,7 @@ impl Owner {
             self.handle_msg(msg);
             if self.stopping_all && self.workers.values().all(|w| w.records.is_empty()) {
                 for w in self.workers.values() {
-                    w.log.close();
+                    w.log.close_and_wait(Duration::from_secs(2));
                 }
                 if let Some(cg) = &self.cgroups
                     && let Err(e) = cg.remove()
@@ -1774,6 +1785,100 @@ fn setup_cgroups(config: &Config) -> Option<Arc<CgroupDriver>> {
     }
 }
 
+/// What only the sandbox can check before anything runs: seccomp profiles compile, landlock
+/// is available, mount paths make sense, and there is a cgroup hierarchy for the configured
+/// limits. Used by `tqproxy check` and by reload/deploy before they change anything.
+pub fn check_worker(config: &Config, w: &WorkerConfig) -> Result<(), String> {
+    use crate::config::CgroupMode;
+    let others: Vec<Arc<WorkerConfig>> = config
+        .workers
+        .values()
+        .filter(|o| o.name != w.name)
+        .cloned()
+        .collect();
+    let conf_dir = config
+        .file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let private = [config.run_dir.clone(), conf_dir, config.logs_dir.clone()];
+    let spec = build_spec(w, 1, 1, *config.ports.start(), None, &others, &private);
+    crate::sandbox::check_spec(&spec).map_err(|e| format!("sandbox: {e}"))?;
+    if w.resources.needs_cgroup() {
+        if config.cgroups.mode == CgroupMode::Off {
+            return Err(
+                "resources: memory/cpu/pids/io limits need cgroups, but cgroups.mode is off".into(),
+            );
+        }
+        match (config.cgroups.mode, cgroup::detect(&config.cgroups.root)) {
+            (_, None) => {
+                return Err(format!(
+                    "resources: limits need cgroups, and there is no usable cgroup hierarchy at {}",
+                    config.cgroups.root.display()
+                ));
+            }
+            (CgroupMode::V1, Some(cgroup::Hierarchy::V2 { .. })) => {
+                return Err("resources: cgroups.mode is v1 but the hierarchy is v2".into());
+            }
+            (CgroupMode::V2, Some(cgroup::Hierarchy::V1 { .. })) => {
+                return Err("resources: cgroups.mode is v2 but the hierarchy is v1".into());
+            }
+            (_, Some(h)) => {
+                let r = &w.resources;
+                let needed = [
+                    ("memory", r.memory.is_some() || r.memory_high.is_some()),
+                    ("cpu", r.cpu.is_some() || r.cpu_weight.is_some()),
+                    ("pids", r.pids.is_some()),
+                    (
+                        if matches!(h, cgroup::Hierarchy::V1 { .. }) {
+                            "blkio"
+                        } else {
+                            "io"
+                        },
+                        r.io.is_some(),
+                    ),
+                ];
+                let available: Vec<String> = match &h {
+                    cgroup::Hierarchy::V2 { root } => {
+                        std::fs::read_to_string(root.join("cgroup.controllers"))
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .map(str::to_string)
+                            .collect()
+                    }
+                    cgroup::Hierarchy::V1 { root } => needed
+                        .iter()
+                        .filter(|(c, _)| root.join(c).is_dir())
+                        .map(|(c, _)| c.to_string())
+                        .collect(),
+                };
+                for (controller, wanted) in needed {
+                    if wanted && !available.iter().any(|a| a == controller) {
+                        return Err(format!(
+                            "resources: the `{controller}` cgroup controller is not available in {}",
+                            config.cgroups.root.display()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks every worker of a configuration (see [`check_worker`]); one message per problem.
+pub fn check_workers(config: &Config) -> Vec<String> {
+    config
+        .workers
+        .values()
+        .filter_map(|w| {
+            check_worker(config, w)
+                .err()
+                .map(|e| format!("{}: {e}", w.file.display()))
+        })
+        .collect()
+}
+
 /// Creates the worker's `read_write` directories, owned by its user, mode 0700.
 fn prepare_dirs(config: &WorkerConfig) -> Result<(), String> {
     for d in &config.sandbox.read_write {
@@ -1801,19 +1906,14 @@ fn cgroup_limits(c: &WorkerConfig) -> CgroupLimits {
         pids_max: r.pids,
         io: r
             .io
-            .as_ref()
-            .and_then(|io| {
-                crate::sandbox::block_device_of(&io.device)
-                    .ok()
-                    .map(|device| IoLimit {
-                        device,
-                        read_bps: io.read_bps,
-                        write_bps: io.write_bps,
-                        read_iops: io.read_iops,
-                        write_iops: io.write_iops,
-                    })
+            .iter()
+            .map(|io| IoLimit {
+                device: io.numbers,
+                read_bps: io.read_bps,
+                write_bps: io.write_bps,
+                read_iops: io.read_iops,
+                write_iops: io.write_iops,
             })
-            .into_iter()
             .collect(),
     }
 }

@@ -118,7 +118,79 @@ fn fmt_bytes(b: u64) -> String {
     bytesize::ByteSize(b).display().iec_short().to_string()
 }
 
+/// `s` on one line (control characters become spaces), at most `max` characters.
+fn one_line(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .split(|c: char| c.is_control())
+        .filter(|p| !p.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if out.chars().count() > max {
+        out = out.chars().take(max.saturating_sub(1)).collect();
+        out.push('…');
+    }
+    out
+}
+
+impl WorkerStatus {
+    /// Whether the worker is expected to serve: it has instances configured and is not being
+    /// removed. A worker scaled to 0 on purpose does not make the machine unhealthy.
+    pub fn expected_up(&self) -> bool {
+        self.desired > 0 && self.busy.as_deref() != Some("removing")
+    }
+
+    /// At least one instance is ready and in the route table.
+    pub fn serving(&self) -> bool {
+        self.instances
+            .iter()
+            .any(|i| i.state == "ready" && i.routed)
+    }
+
+    /// Why the worker is not serving, in a few words: instance states and the last exit.
+    pub fn down_reason(&self) -> String {
+        let mut states: BTreeMap<&str, usize> = BTreeMap::new();
+        for i in &self.instances {
+            *states.entry(i.state.as_str()).or_default() += 1;
+        }
+        let mut why = if states.is_empty() {
+            "no instance".to_string()
+        } else {
+            states
+                .iter()
+                .map(|(s, n)| format!("{n} {s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(exit) = self.instances.iter().find_map(|i| i.last_exit.as_deref()) {
+            why.push_str("; last exit: ");
+            why.push_str(&one_line(exit, 160));
+        }
+        why
+    }
+}
+
 impl StatusReport {
+    /// `Ok` when every worker expected up ([`WorkerStatus::expected_up`]) has at least one
+    /// ready, routed instance; else one line naming each worker that has none, and why. This is
+    /// `GET /healthz` (for external load balancers) and the health line of `tqproxy status`.
+    pub fn health(&self) -> Result<(), String> {
+        if self.state == "stopping" {
+            return Err("tqproxy is stopping".into());
+        }
+        let down: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|w| w.expected_up() && !w.serving())
+            .map(|w| format!("{} ({})", w.name, w.down_reason()))
+            .collect();
+        if down.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("no ready instance: {}", down.join(", ")))
+        }
+    }
+
     /// The terminal table of `tqproxy status`.
     pub fn render_table(&self) -> String {
         let mut out = String::new();
@@ -133,6 +205,10 @@ impl StatusReport {
                 .as_ref()
                 .map_or(String::new(), |a| format!("  admin {a}")),
         ));
+        out.push_str(&match self.health() {
+            Ok(()) => "health: ok\n".to_string(),
+            Err(why) => format!("health: DOWN, {why}\n"),
+        });
         for w in &self.workers {
             let restarts: Vec<String> = w
                 .restarts
@@ -141,7 +217,7 @@ impl StatusReport {
                 .map(|(c, n)| format!("{c}={n}"))
                 .collect();
             out.push_str(&format!(
-                "\n{}  routes {}  desired {}  generation {} (routed {})  {}{}{}{}\n",
+                "\n{}  routes {}  desired {}  generation {} (routed {})  {}  in-flight {}{}{}{}\n",
                 w.name,
                 w.routes.join(" "),
                 w.desired,
@@ -152,6 +228,7 @@ impl StatusReport {
                     .collect::<Vec<_>>()
                     .join("+"),
                 w.strategy,
+                w.in_flight,
                 w.busy
                     .as_ref()
                     .map_or(String::new(), |b| format!("  [{b}]")),
@@ -165,8 +242,12 @@ impl StatusReport {
                     format!("  restarts {}", restarts.join(" "))
                 },
             ));
+            if w.instances.is_empty() {
+                out.push_str("  (no instance)\n");
+                continue;
+            }
             out.push_str(&format!(
-                "  {:>4} {:>7} {:>5} {:<9} {:>3} {:<9} {:>6} {:>5} {:>9} {:>8} {:>8} {:>7}  {}\n",
+                "  {:>4} {:>7} {:>5} {:<9} {:>3} {:<9} {:>6} {:>4} {:>5} {:>9} {:>8} {:>8} {:>7}  {}\n",
                 "ID",
                 "PID",
                 "PORT",
@@ -174,6 +255,7 @@ impl StatusReport {
                 "GEN",
                 "ROLE",
                 "ROUTED",
+                "RST",
                 "INFL",
                 "REQUESTS",
                 "UPTIME",
@@ -182,8 +264,8 @@ impl StatusReport {
                 "LAST EXIT"
             ));
             for i in &w.instances {
-                out.push_str(&format!(
-                    "  {:>4} {:>7} {:>5} {:<9} {:>3} {:<9} {:>6} {:>5} {:>9} {:>8} {:>8} {:>7}  {}\n",
+                let row = format!(
+                    "  {:>4} {:>7} {:>5} {:<9} {:>3} {:<9} {:>6} {:>4} {:>5} {:>9} {:>8} {:>8} {:>7}  {}\n",
                     i.id,
                     i.pid.map_or("-".into(), |p| p.to_string()),
                     i.port.map_or("-".into(), |p| p.to_string()),
@@ -191,15 +273,164 @@ impl StatusReport {
                     i.generation,
                     i.role,
                     if i.routed { "yes" } else { "no" },
+                    i.restarts,
                     i.in_flight,
                     i.requests,
                     i.uptime_secs.map_or("-".into(), fmt_uptime),
                     i.memory_bytes.map_or("-".into(), fmt_bytes),
                     i.cpu_seconds.map_or("-".into(), |c| format!("{c:.2}s")),
-                    i.last_exit.as_deref().unwrap_or(""),
-                ));
+                    i.last_exit
+                        .as_deref()
+                        .map_or(String::new(), |e| one_line(e, 100)),
+                );
+                out.push_str(row.trim_end());
+                out.push('\n');
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: u64, state: &str, last_exit: Option<&str>) -> InstanceStatus {
+        let up = state == "ready";
+        InstanceStatus {
+            id,
+            pid: up.then_some(1000 + id as u32),
+            port: up.then_some(9000 + id as u16),
+            state: state.into(),
+            generation: 1,
+            restarts: 2,
+            routed: up,
+            role: "serving".into(),
+            in_flight: 0,
+            requests: 42,
+            uptime_secs: up.then_some(75.0),
+            memory_bytes: up.then_some(3 << 20),
+            cpu_seconds: up.then_some(1.5),
+            last_exit: last_exit.map(String::from),
+            cgroup: None,
+        }
+    }
+
+    fn worker(name: &str, desired: u32, instances: Vec<InstanceStatus>) -> WorkerStatus {
+        WorkerStatus {
+            name: name.into(),
+            routes: vec!["/".into()],
+            desired,
+            generation: 1,
+            routed_generations: vec![1],
+            strategy: "rolling".into(),
+            standby: None,
+            busy: None,
+            restarts: BTreeMap::new(),
+            in_flight: 0,
+            requests: 42,
+            instances,
+            log: format!("logs/{name}.log"),
+        }
+    }
+
+    fn report(workers: Vec<WorkerStatus>) -> StatusReport {
+        StatusReport {
+            pid: 1,
+            version: "0.1.0".into(),
+            uptime_secs: 3700.0,
+            config: "conf/tqproxy.yaml".into(),
+            listen: vec!["127.0.0.1:8080".into()],
+            admin: Some("127.0.0.1:8090".into()),
+            cgroups: Some("v2".into()),
+            state: "running".into(),
+            workers,
+        }
+    }
+
+    #[test]
+    fn healthy_when_every_expected_worker_serves() {
+        let st = report(vec![
+            worker(
+                "a",
+                2,
+                vec![instance(1, "ready", None), instance(2, "starting", None)],
+            ),
+            // Scaled to zero on purpose: not a reason to fail the machine.
+            worker("off", 0, vec![]),
+        ]);
+        assert_eq!(st.health(), Ok(()));
+        assert!(st.render_table().contains("health: ok\n"));
+    }
+
+    #[test]
+    fn unhealthy_names_the_worker_on_one_line() {
+        let st = report(vec![
+            worker("a", 1, vec![instance(1, "ready", None)]),
+            worker(
+                "broken",
+                1,
+                vec![instance(
+                    1,
+                    "crashloop",
+                    Some("exited with code 3\nlast output: boom"),
+                )],
+            ),
+        ]);
+        let why = st.health().unwrap_err();
+        assert_eq!(
+            why,
+            "no ready instance: broken (1 crashloop; last exit: exited with code 3 last output: boom)"
+        );
+        assert!(!why.contains('\n'));
+        let mut stopping = st.clone();
+        stopping.state = "stopping".into();
+        assert_eq!(stopping.health().unwrap_err(), "tqproxy is stopping");
+        assert!(
+            report(vec![worker("new", 1, vec![])])
+                .health()
+                .unwrap_err()
+                .contains("new (no instance)")
+        );
+    }
+
+    #[test]
+    fn table_has_a_row_per_instance() {
+        let st = report(vec![worker(
+            "a",
+            2,
+            vec![
+                instance(1, "ready", None),
+                instance(2, "exited", Some("killed by SIGKILL")),
+            ],
+        )]);
+        let t = st.render_table();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].starts_with("tqproxy 0.1.0 pid 1 running up 1h01m"),
+            "{t}"
+        );
+        assert!(lines[1].starts_with("health: ok"), "{t}");
+        let header = lines.iter().position(|l| l.contains("ID")).unwrap();
+        let cols: Vec<&str> = lines[header].split_whitespace().collect();
+        assert_eq!(
+            cols,
+            [
+                "ID", "PID", "PORT", "STATE", "GEN", "ROLE", "ROUTED", "RST", "INFL", "REQUESTS",
+                "UPTIME", "MEMORY", "CPU", "LAST", "EXIT"
+            ]
+        );
+        let row1: Vec<&str> = lines[header + 1].split_whitespace().collect();
+        assert_eq!(
+            row1,
+            [
+                "1", "1001", "9001", "ready", "1", "serving", "yes", "2", "0", "42", "1m15s",
+                "3.0M", "1.50s"
+            ]
+        );
+        assert!(lines[header + 2].ends_with("killed by SIGKILL"), "{t}");
+        // Columns line up: every row is as wide as the header up to LAST EXIT.
+        let width = lines[header].find("LAST EXIT").unwrap();
+        assert!(lines[header + 1].len() <= width, "{t}");
     }
 }

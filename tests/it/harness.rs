@@ -164,7 +164,11 @@ impl Env {
         let conf = self.dir.path().join("conf");
         std::fs::create_dir_all(&conf).unwrap();
         // No admin listener unless the test asks for one (its default port would be shared).
-        let control = if self.global_extra.contains("control:") { "" } else { "control: { admin: off }\n" };
+        let control = if self.global_extra.contains("control:") {
+            ""
+        } else {
+            "control: { admin: off }\n"
+        };
         let yaml = format!(
             "listen: [\"{}\"]\nports: \"{}-{}\"\nproxy: {{ threads: 1 }}\ncgroups: {{ base: tqproxy-it }}\n{control}{}",
             self.listen, self.ports.0, self.ports.1, self.global_extra
@@ -745,4 +749,66 @@ pub fn processes_with_env(entry: &str) -> Vec<(u32, String)> {
 
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
+}
+
+impl Env {
+    /// Like [`Env::new`], but the installation lives in a fresh directory under `base` (e.g.
+    /// `/var/lib/tqproxy-it`), removed on drop, instead of under /tmp: tqproxy switches a
+    /// worker's private /tmp off when the worker's own files live under /tmp, and Landlock's
+    /// base rules allow all of /tmp, so tests of those features need their files elsewhere.
+    /// The directory is made mode 0755 so that workers running as another user (`user`,
+    /// `dynamic_user`) can reach their own directories.
+    pub fn new_in(base: &Path, workers: &[WorkerDef]) -> Env {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(base).expect("create the base directory");
+        let dir = tempfile::Builder::new()
+            .prefix("env-")
+            .tempdir_in(base)
+            .expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod 0755");
+        let block = port_block(40);
+        let env = Env {
+            dir,
+            listen: SocketAddr::from(([127, 0, 0, 1], block)),
+            ports: (block + 1, block + 39),
+            child: None,
+            global_extra: String::new(),
+        };
+        env.write_global();
+        for w in workers {
+            env.write_worker(w);
+        }
+        env
+    }
+}
+
+/// A free loopback port for one more listener of a test (e.g. the admin listener), taken from
+/// the same disjoint blocks as the environments' ports.
+pub fn free_port() -> u16 {
+    port_block(1)
+}
+
+impl Env {
+    /// Like [`Env::spawn`], with extra environment variables for tqproxy (e.g. `NOTIFY_SOCKET`).
+    pub fn spawn_with_env(&mut self, extra_args: &[&str], vars: &[(&str, &str)]) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(TQPROXY)
+            .arg("-c")
+            .arg(self.conf())
+            .arg("run")
+            .args(extra_args)
+            .env("TQPROXY_LOG", "info")
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn tqproxy");
+        self.child = Some(child);
+    }
 }

@@ -3,5 +3,8 @@
 
 mod config;
 mod core;
+mod edge;
 mod harness;
+mod isolation;
+mod observability;
 mod swaps;

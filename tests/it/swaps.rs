@@ -433,3 +433,58 @@ fn drain_timeout_bounds_a_request_that_never_ends() {
     let _ = slow.join().unwrap();
     assert_eq!(env.get("/version").status, 200);
 }
+
+#[test]
+fn watch_rolls_a_rewritten_binary_and_survives_a_failed_build() {
+    let mut env = Env::new(&[]);
+    let bin = env.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(HELLO, bin.join("app")).unwrap();
+    let src = env.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // The "build" fails while src/broken exists.
+    env.write_worker(&WorkerDef::new(
+        "w",
+        &format!(
+            "command: [\"{}\"]\nroutes: [\"/\"]\ninstances: 2\nhealth: {{ path: /health, interval: 200ms }}\nbuild: {{ command: [\"sh\", \"-c\", \"test ! -e {0}/broken || {{ echo 'error: it does not compile' >&2; exit 1; }}\"], watch: [\"{}\"] }}\n",
+            bin.join("app").display(),
+            src.display()
+        )
+        .replace(&format!("{0}/broken", bin.join("app").display()), &format!("{}/broken", src.display())),
+    ));
+    env.spawn(&["--watch"]);
+    env.wait_running();
+    assert!(env.get("/").body.starts_with("hello from w"));
+    let before: BTreeSet<u32> = pids(&env, "w");
+
+    // A failed build: the old instances keep serving, and the log says why.
+    std::fs::write(src.join("broken"), "x").unwrap();
+    wait_for("build failure logged", Duration::from_secs(20), || {
+        env.output()
+            .contains("build failed, the running instances keep serving")
+            .then_some(())
+    });
+    assert!(env.output().contains("it does not compile"));
+    assert_eq!(pids(&env, "w"), before);
+    std::fs::remove_file(src.join("broken")).unwrap();
+
+    // A new binary written next to the old one and renamed over it (how deploys and linkers
+    // replace a running executable): rolled within moments.
+    let load = Load::start(env.listen, "/health", 2);
+    let tmp = bin.join("app.new");
+    std::fs::copy(CHAOS, &tmp).unwrap();
+    let t = Instant::now();
+    std::fs::rename(&tmp, bin.join("app")).unwrap();
+    wait_for("new binary serving", Duration::from_secs(20), || {
+        env.get("/").body.starts_with("chaos").then_some(())
+    });
+    let served_after = t.elapsed();
+    eprintln!(
+        "--watch: binary written → new version serving in {} ms",
+        served_after.as_millis()
+    );
+    wait_for("old instances gone", Duration::from_secs(20), || {
+        pids(&env, "w").is_disjoint(&before).then_some(())
+    });
+    assert_no_failures(load);
+}

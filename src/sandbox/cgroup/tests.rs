@@ -588,3 +588,33 @@ fn real_v2_unified_create_join_kill_remove() {
     d.remove().unwrap();
     assert!(!root.join(&base).exists());
 }
+
+#[test]
+fn real_v1_reused_cgroup_takes_a_higher_or_lower_memory_limit() {
+    // An empty cgroup of the same name is reused (a tqproxy restarted with the same pid, as
+    // PID 1 of a container is): its memory.memsw.limit_in_bytes, which must never be below
+    // memory.limit_in_bytes, still holds the old value.
+    let Some(root) = writable_v1() else { return };
+    let base = format!("tqproxy-test-reuse-{}", std::process::id());
+    let d = CgroupDriver::new(Hierarchy::V1 { root: root.clone() }, &base, "v1").unwrap();
+    let mut guard = DriverGuard(d.clone(), Vec::new());
+    let dir = root.join("memory").join(&base).join("v1/inst");
+    let memsw = dir.join("memory.memsw.limit_in_bytes");
+    for mib in [64u64, 256, 32] {
+        let limits = CgroupLimits {
+            memory_max: Some(mib << 20),
+            ..Default::default()
+        };
+        let cg = d
+            .create("inst", &limits)
+            .unwrap_or_else(|e| panic!("{mib} MiB: {e}"));
+        guard.1.push(cg.clone());
+        assert_eq!(
+            content(&dir.join("memory.limit_in_bytes")).trim(),
+            (mib << 20).to_string()
+        );
+        if memsw.exists() {
+            assert_eq!(content(&memsw).trim(), (mib << 20).to_string());
+        }
+    }
+}
