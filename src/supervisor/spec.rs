@@ -1,0 +1,276 @@
+//! What an instance is started with: its environment, limits and sandbox (the `SpawnSpec`),
+//! its cgroup, its directories — and the checks `tqproxy check` and reload run on them before
+//! anything starts.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::{Config, Namespace, SeccompSetting, WorkerConfig};
+use crate::sandbox::cgroup::{self, CgroupDriver, CgroupLimits, InstanceCgroup, IoLimit};
+use crate::sandbox::{
+    Credentials, LandlockSpec, MountSpec, NamespaceSpec, RlimitSpec, SeccompSpec, SpawnSpec,
+};
+
+pub(super) fn setup_cgroups(config: &Config) -> Option<Arc<CgroupDriver>> {
+    use crate::config::CgroupMode;
+    let mode = config.cgroups.mode;
+    if mode == CgroupMode::Off {
+        return None;
+    }
+    let detected = cgroup::detect(&config.cgroups.root);
+    let h = match (mode, detected) {
+        (_, None) => {
+            tracing::warn!(root = %config.cgroups.root.display(), "no usable cgroup hierarchy: instances run without cgroups (no resource limits)");
+            return None;
+        }
+        (CgroupMode::V1, Some(h @ cgroup::Hierarchy::V1 { .. }))
+        | (CgroupMode::V2, Some(h @ cgroup::Hierarchy::V2 { .. }))
+        | (CgroupMode::Auto, Some(h)) => h,
+        (m, Some(h)) => {
+            tracing::warn!(wanted = ?m, found = ?h, "configured cgroup version not found; using what is there");
+            h
+        }
+    };
+    match CgroupDriver::new(h, &config.cgroups.base, &std::process::id().to_string()) {
+        Ok(d) => {
+            for s in d.cleanup_stale() {
+                tracing::warn!(cgroup = %s, "removed a stale cgroup left by an earlier tqproxy");
+            }
+            tracing::info!(version = d.version(), "cgroups enabled");
+            Some(Arc::new(d))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cgroups unavailable: instances run without resource limits");
+            None
+        }
+    }
+}
+
+/// What only the sandbox can check before anything runs: seccomp profiles compile, landlock
+/// is available, mount paths make sense, and there is a cgroup hierarchy for the configured
+/// limits. Used by `tqproxy check` and by reload/deploy before they change anything.
+pub fn check_worker(config: &Config, w: &WorkerConfig) -> Result<(), String> {
+    use crate::config::CgroupMode;
+    let others: Vec<Arc<WorkerConfig>> = config
+        .workers
+        .values()
+        .filter(|o| o.name != w.name)
+        .cloned()
+        .collect();
+    let conf_dir = config
+        .file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let private = [config.run_dir.clone(), conf_dir, config.logs_dir.clone()];
+    let spec = build_spec(w, 1, 1, *config.ports.start(), None, &others, &private);
+    crate::sandbox::check_spec(&spec).map_err(|e| format!("sandbox: {e}"))?;
+    if w.resources.needs_cgroup() {
+        if config.cgroups.mode == CgroupMode::Off {
+            return Err(
+                "resources: memory/cpu/pids/io limits need cgroups, but cgroups.mode is off".into(),
+            );
+        }
+        match (config.cgroups.mode, cgroup::detect(&config.cgroups.root)) {
+            (_, None) => {
+                return Err(format!(
+                    "resources: limits need cgroups, and there is no usable cgroup hierarchy at {}",
+                    config.cgroups.root.display()
+                ));
+            }
+            (CgroupMode::V1, Some(cgroup::Hierarchy::V2 { .. })) => {
+                return Err("resources: cgroups.mode is v1 but the hierarchy is v2".into());
+            }
+            (CgroupMode::V2, Some(cgroup::Hierarchy::V1 { .. })) => {
+                return Err("resources: cgroups.mode is v2 but the hierarchy is v1".into());
+            }
+            (_, Some(h)) => {
+                let r = &w.resources;
+                let needed = [
+                    ("memory", r.memory.is_some() || r.memory_high.is_some()),
+                    ("cpu", r.cpu.is_some() || r.cpu_weight.is_some()),
+                    ("pids", r.pids.is_some()),
+                    (
+                        if matches!(h, cgroup::Hierarchy::V1 { .. }) {
+                            "blkio"
+                        } else {
+                            "io"
+                        },
+                        r.io.is_some(),
+                    ),
+                ];
+                let available: Vec<String> = match &h {
+                    cgroup::Hierarchy::V2 { root } => {
+                        std::fs::read_to_string(root.join("cgroup.controllers"))
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .map(str::to_string)
+                            .collect()
+                    }
+                    cgroup::Hierarchy::V1 { root } => needed
+                        .iter()
+                        .filter(|(c, _)| root.join(c).is_dir())
+                        .map(|(c, _)| c.to_string())
+                        .collect(),
+                };
+                for (controller, wanted) in needed {
+                    if wanted && !available.iter().any(|a| a == controller) {
+                        return Err(format!(
+                            "resources: the `{controller}` cgroup controller is not available in {}",
+                            config.cgroups.root.display()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks every worker of a configuration (see [`check_worker`]); one message per problem.
+pub fn check_workers(config: &Config) -> Vec<String> {
+    config
+        .workers
+        .values()
+        .filter_map(|w| {
+            check_worker(config, w)
+                .err()
+                .map(|e| format!("{}: {e}", w.file.display()))
+        })
+        .collect()
+}
+
+/// Creates the worker's `read_write` directories, owned by its user, mode 0700.
+pub(super) fn prepare_dirs(config: &WorkerConfig) -> Result<(), String> {
+    for d in &config.sandbox.read_write {
+        if !d.exists() {
+            std::fs::create_dir_all(d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
+        }
+        if let Some((uid, gid)) = config.sandbox.user.ids() {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid))
+                .map_err(|e| format!("cannot chown {} to {uid}:{gid}: {e}", d.display()))?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn cgroup_limits(c: &WorkerConfig) -> CgroupLimits {
+    let r = &c.resources;
+    CgroupLimits {
+        memory_max: r.memory,
+        memory_high: r.memory_high,
+        cpu_cores: r.cpu,
+        cpu_weight: r.cpu_weight,
+        pids_max: r.pids,
+        io: r
+            .io
+            .iter()
+            .map(|io| IoLimit {
+                device: io.numbers,
+                read_bps: io.read_bps,
+                write_bps: io.write_bps,
+                read_iops: io.read_iops,
+                write_iops: io.write_iops,
+            })
+            .collect(),
+    }
+}
+
+/// Whether `p` is `q` or inside it.
+pub(super) fn within(p: &Path, q: &Path) -> bool {
+    p.starts_with(q)
+}
+
+/// The spawn spec of one instance: environment, limits and sandbox.
+pub(super) fn build_spec(
+    c: &WorkerConfig,
+    id: u64,
+    generation: u64,
+    port: u16,
+    cgroup: Option<&InstanceCgroup>,
+    others: &[Arc<WorkerConfig>],
+    private_dirs: &[PathBuf],
+) -> SpawnSpec {
+    let mut env: Vec<(String, String)> =
+        c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    env.push(("PORT".into(), port.to_string()));
+    env.push(("WORKER_PORT".into(), port.to_string()));
+    env.push(("WORKER_NAME".into(), c.name.clone()));
+    env.push(("WORKER_INSTANCE".into(), id.to_string()));
+    env.push(("WORKER_GENERATION".into(), generation.to_string()));
+    let sb = &c.sandbox;
+    let mount = sb.has(Namespace::Mount) || sb.has(Namespace::Pid);
+    let mut mounts = MountSpec::default();
+    if mount {
+        // What this worker needs to see: its own directory, program, cwd and paths.
+        let own: Vec<&Path> = [c.dir.as_path(), c.program.as_path(), c.cwd.as_path()]
+            .into_iter()
+            .chain(sb.read_write.iter().map(PathBuf::as_path))
+            .chain(sb.read_only.iter().map(PathBuf::as_path))
+            .collect();
+        let mut hide: Vec<PathBuf> = Vec::new();
+        let candidates = others
+            .iter()
+            .flat_map(|o| {
+                std::iter::once(o.dir.clone()).chain(o.sandbox.read_write.iter().cloned())
+            })
+            .chain(private_dirs.iter().cloned());
+        for h in candidates {
+            // Never hide something this worker needs (or a parent of it).
+            if own.iter().any(|p| within(p, &h)) || hide.contains(&h) {
+                continue;
+            }
+            hide.push(h);
+        }
+        mounts = MountSpec {
+            read_only_root: sb.read_only_root,
+            private_tmp: sb.private_tmp,
+            read_write: sb.read_write.clone(),
+            read_only: sb.read_only.clone(),
+            hide,
+        };
+    }
+    SpawnSpec {
+        program: c.program.clone(),
+        args: c.args.clone(),
+        env,
+        cwd: c.cwd.clone(),
+        cgroup_procs: cgroup.map(|cg| cg.procs_files()).unwrap_or_default(),
+        rlimits: RlimitSpec {
+            open_files: c.resources.open_files,
+            core: c.resources.core,
+            address_space: c.resources.address_space,
+            file_size: c.resources.file_size,
+        },
+        namespaces: NamespaceSpec {
+            mount,
+            pid: sb.has(Namespace::Pid),
+            ipc: sb.has(Namespace::Ipc),
+            uts: sb.has(Namespace::Uts),
+            net: sb.has(Namespace::Net),
+            user: sb.has(Namespace::User),
+        },
+        hostname: sb.has(Namespace::Uts).then(|| format!("{}-{id}", c.name)),
+        mounts,
+        credentials: sb.user.ids().map(|(uid, gid)| Credentials { uid, gid }),
+        landlock: sb.landlock.then(|| LandlockSpec {
+            read_write: sb.read_write.clone(),
+            read_only: sb
+                .read_only
+                .iter()
+                .cloned()
+                .chain([c.dir.clone(), c.cwd.clone()])
+                .chain(c.program.parent().map(Path::to_path_buf))
+                .collect(),
+        }),
+        seccomp: match &sb.seccomp {
+            SeccompSetting::Off => SeccompSpec::Off,
+            SeccompSetting::Default => SeccompSpec::Default,
+            SeccompSetting::Profile(p) => SeccompSpec::Profile(p.clone()),
+        },
+        listen_fd: c.passes_socket(),
+    }
+}
