@@ -118,30 +118,34 @@ pub fn dispatch(cli: Cli) -> i32 {
             timeout,
         } => upgrade(&cli, binary.as_deref(), timeout),
         Command::Check => check(&cli.config),
-        other => {
-            let socket = match &cli.socket {
-                Some(s) => s.clone(),
-                None => match Config::control_socket_of(&cli.config) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return 3;
-                    }
-                },
-            };
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start runtime: {e}");
-                    return 1;
-                }
+        ref other => {
+            let (socket, rt) = match client_setup(&cli) {
+                Ok(x) => x,
+                Err(code) => return code,
             };
             rt.block_on(client(other, &socket))
         }
     }
+}
+
+/// What every client verb needs: the control socket (from `--socket` or the configuration)
+/// and a small runtime. `Err` is the exit code, the reason already printed.
+fn client_setup(cli: &Cli) -> Result<(PathBuf, tokio::runtime::Runtime), i32> {
+    let socket = match &cli.socket {
+        Some(s) => s.clone(),
+        None => Config::control_socket_of(&cli.config).map_err(|e| {
+            eprintln!("{e}");
+            3
+        })?,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start runtime: {e}");
+            1
+        })?;
+    Ok((socket, rt))
 }
 
 fn check(path: &Path) -> i32 {
@@ -191,15 +195,9 @@ fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
         eprintln!("configuration invalid, nothing changed:\n{e}");
         return 1;
     }
-    let socket = match &cli.socket {
-        Some(s) => s.clone(),
-        None => match Config::control_socket_of(&cli.config) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("{e}");
-                return 3;
-            }
-        },
+    let (socket, rt) = match client_setup(cli) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let exe = match binary {
         Some(b) => crate::config::absolute(b),
@@ -210,16 +208,6 @@ fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
                 return 1;
             }
         },
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start runtime: {e}");
-            return 1;
-        }
     };
     let ask = |req: ControlRequest| rt.block_on(call(&socket, &req, Duration::from_secs(10)));
     let old = match ask(ControlRequest::Ping {}) {
@@ -299,7 +287,7 @@ fn print_outcome(o: &Outcome) -> i32 {
     if o.ok { 0 } else { 1 }
 }
 
-async fn client(cmd: Command, socket: &Path) -> i32 {
+async fn client(cmd: &Command, socket: &Path) -> i32 {
     // Deploys wait for readiness and draining, which the server bounds itself.
     let long = Duration::from_secs(3600);
     let (req, timeout) = match &cmd {
@@ -345,7 +333,7 @@ async fn client(cmd: Command, socket: &Path) -> i32 {
     };
     match (cmd, resp) {
         (Command::Status { json }, ControlResponse::Status(st)) => {
-            if json {
+            if *json {
                 match serde_json::to_string_pretty(&st) {
                     Ok(s) => println!("{s}"),
                     Err(e) => {
@@ -362,10 +350,10 @@ async fn client(cmd: Command, socket: &Path) -> i32 {
             let started = Instant::now();
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             while running(pid) {
-                if started.elapsed() > timeout {
+                if started.elapsed() > *timeout {
                     eprintln!(
                         "tqproxy (pid {pid}) is still running after {}",
-                        humantime::format_duration(timeout)
+                        humantime::format_duration(*timeout)
                     );
                     return 1;
                 }
