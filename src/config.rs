@@ -589,7 +589,8 @@ pub struct ProxySettings {
     pub h2c: bool,
     /// Proxy threads (default: available cores).
     pub threads: usize,
-    /// Idle upstream connections kept per proxy thread (default 128).
+    /// Idle upstream connections kept per proxy thread (default 1024: at least the expected
+    /// client concurrency, or requests open new upstream connections).
     pub upstream_keepalive_pool: usize,
     /// How long an idle upstream connection is kept (default 30s; keep it below the workers'
     /// own keep-alive timeout so tqproxy closes pooled connections first).
@@ -1051,7 +1052,7 @@ impl Config {
         let proxy = ProxySettings {
             h2c: raw.proxy.h2c,
             threads: threads.clamp(1, 256),
-            upstream_keepalive_pool: raw.proxy.upstream_keepalive_pool.unwrap_or(128),
+            upstream_keepalive_pool: raw.proxy.upstream_keepalive_pool.unwrap_or(1024),
             upstream_idle_timeout: raw
                 .proxy
                 .upstream_idle_timeout

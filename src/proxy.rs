@@ -24,8 +24,6 @@ use crate::routes::{Backend, Instance, RouteHandle};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Set when this process hands its listening sockets to a new tqproxy (`tqproxy upgrade`):
 /// from then on every response asks the client to reconnect (`Connection: close`), so keep-alive
@@ -99,6 +97,8 @@ pub struct RequestCtx {
     /// Instances that already failed this request.
     tried: Vec<u64>,
     request_id: Option<HeaderValue>,
+    /// The id was made here (the client sent none): it goes into the upstream request.
+    request_id_generated: bool,
     response_started: bool,
     /// Which instance answered (kept after the slot is released, for the access log).
     served_by: Option<(u64, u16)>,
@@ -153,6 +153,23 @@ fn new_request_id() -> HeaderValue {
         *b = HEX[((z >> (60 - 4 * i)) & 0xf) as usize];
     }
     HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+}
+
+/// The X-Forwarded-For value: the client's address appended to what earlier proxies sent,
+/// formatted on the stack (this runs for every request).
+fn forwarded_for(prev: &[u8], ip: IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    // An IPv6 address is at most 45 bytes: the write cannot run out of room.
+    let _ = write!(cur, "{ip}");
+    let n = cur.position() as usize;
+    let value = if prev.is_empty() {
+        HeaderValue::from_bytes(&buf[..n])
+    } else {
+        HeaderValue::from_bytes(&[prev, b", ", &buf[..n]].concat())
+    };
+    value.unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 fn valid_client_request_id(v: &HeaderValue) -> bool {
@@ -273,6 +290,7 @@ impl ProxyHttp for Proxy {
             instance: None,
             tried: Vec::new(),
             request_id: None,
+            request_id_generated: false,
             response_started: false,
             served_by: None,
         }
@@ -334,17 +352,16 @@ impl ProxyHttp for Proxy {
         ctx.backend = Some(route.backend.clone());
         drop(table);
 
-        let id = match session.req_header().headers.get(&X_REQUEST_ID) {
+        // A valid id from the client travels on with its request; a new one is added to the
+        // upstream request in `upstream_request_filter` (not here: growing the downstream
+        // header map would only make pingora's clone of it for the upstream dearer).
+        ctx.request_id = Some(match session.req_header().headers.get(&X_REQUEST_ID) {
             Some(v) if valid_client_request_id(v) => v.clone(),
             _ => {
-                let id = new_request_id();
-                session
-                    .req_header_mut()
-                    .insert_header(X_REQUEST_ID.clone(), id.clone())?;
-                id
+                ctx.request_id_generated = true;
+                new_request_id()
             }
-        };
-        ctx.request_id = Some(id);
+        });
         Ok(false)
     }
 
@@ -396,6 +413,12 @@ impl ProxyHttp for Proxy {
                 }
             }
         }
+        if ctx.request_id_generated
+            && let Some(id) = &ctx.request_id
+        {
+            // An invalid id from the client is replaced, not kept next to ours.
+            upstream_request.insert_header("X-Request-Id", id.clone())?;
+        }
         if let Some(ip) = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -405,30 +428,26 @@ impl ProxyHttp for Proxy {
                 IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
                 v4 => v4,
             };
-            let value = match upstream_request
-                .headers
-                .get(&X_FORWARDED_FOR)
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip.to_string(),
+            let value = match upstream_request.headers.get(&X_FORWARDED_FOR) {
+                Some(prev) => forwarded_for(prev.as_bytes(), ip),
+                None => forwarded_for(b"", ip),
             };
-            upstream_request.insert_header(X_FORWARDED_FOR.clone(), value)?;
+            upstream_request.insert_header("X-Forwarded-For", value)?;
         }
         let tls = session
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .is_some();
         upstream_request.insert_header(
-            X_FORWARDED_PROTO.clone(),
-            if tls { "https" } else { "http" },
+            "X-Forwarded-Proto",
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
         )?;
         if let Some(host) = upstream_request.headers.get(HOST).cloned() {
-            upstream_request.insert_header(X_FORWARDED_HOST.clone(), host)?;
+            upstream_request.insert_header("X-Forwarded-Host", host)?;
         } else if let Some(host) = session.req_header().uri.host().map(|h| h.to_string()) {
             // HTTP/2 carries the host in :authority; workers speak HTTP/1.1 and need Host.
             upstream_request.insert_header(HOST, host.as_str())?;
-            upstream_request.insert_header(X_FORWARDED_HOST.clone(), host)?;
+            upstream_request.insert_header("X-Forwarded-Host", host)?;
         }
         Ok(())
     }
@@ -444,7 +463,7 @@ impl ProxyHttp for Proxy {
             session.set_keepalive(None);
         }
         if let Some(id) = &ctx.request_id {
-            upstream_response.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+            upstream_response.insert_header("X-Request-Id", id.clone())?;
         }
         Ok(())
     }
@@ -614,6 +633,18 @@ mod tests {
             assert!(id.as_bytes().iter().all(|b| b.is_ascii_hexdigit()));
             assert!(seen.insert(id));
         }
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_client() {
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let v6: IpAddr = "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap();
+        assert_eq!(forwarded_for(b"", v4), "192.0.2.1");
+        assert_eq!(forwarded_for(b"10.0.0.1", v4), "10.0.0.1, 192.0.2.1");
+        assert_eq!(
+            forwarded_for(b"", v6),
+            "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"
+        );
     }
 
     #[test]
