@@ -168,7 +168,10 @@ impl AccessLog {
         request_id: Option<&HeaderValue>,
     ) {
         let req = session.req_header();
-        let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
         let line = Line {
             client,
@@ -492,7 +495,11 @@ mod tests {
             .open(&path)
             .unwrap();
         let log = AccessLog::open(&path, AccessLogFormat::Combined).unwrap();
-        let line = [b'x'; 1023].iter().chain(b"\n").copied().collect::<Vec<u8>>();
+        let line = [b'x'; 1023]
+            .iter()
+            .chain(b"\n")
+            .copied()
+            .collect::<Vec<u8>>();
         let n = (MAX_BUFFERED / line.len()) * 3;
         for _ in 0..n {
             log.push(&line);
@@ -501,7 +508,10 @@ mod tests {
         // holds a few hundred KiB, and at most MAX_BUFFERED more may wait: of the 48 MiB
         // pushed, at least a third cannot have been kept.
         let dropped = log.dropped();
-        assert!(dropped as usize >= n / 3 - (1 << 10), "dropped {dropped} of {n}");
+        assert!(
+            dropped as usize >= n / 3 - (1 << 10),
+            "dropped {dropped} of {n}"
+        );
         assert!((dropped as usize) < n, "dropped {dropped} of {n}");
         // The reader goes away: the writer's write fails (EPIPE), is reported, and it goes on.
         drop(reader);

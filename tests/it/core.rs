@@ -325,3 +325,137 @@ fn graceful_stop_finishes_in_flight_requests() {
     assert!(!env.socket().exists(), "control socket removed");
     env.child = None;
 }
+
+/// Malformed HTTP from clients and malformed control-socket messages each get a clear answer
+/// (or a closed connection) and change nothing: the same instances keep serving a steady load
+/// without one failed request.
+#[test]
+fn hostile_clients_and_control_messages_change_nothing() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::os::unix::net::UnixStream;
+
+    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 2, "")]);
+    env.start();
+    let before: BTreeSet<u32> = env.instances("w").iter().filter_map(|i| i.pid).collect();
+    let load = Load::start(env.listen, "/", 4);
+    load.wait_progress(100);
+
+    // Raw HTTP: the first status line tqproxy answers with, or "" when it just closes.
+    let raw = |bytes: &[u8]| -> String {
+        let mut s = TcpStream::connect(env.listen).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.take(1 << 20).read_to_end(&mut out);
+        String::from_utf8_lossy(&out)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    let huge_header = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("not http", b"GARBAGE\r\n\r\n".to_vec()),
+        ("binary", (0u8..=255).cycle().take(4096).collect()),
+        ("header without colon", b"GET / HTTP/1.1\r\nHost x\r\n\r\n".to_vec()),
+        ("200 KiB header", huge_header.into_bytes()),
+        (
+            "bad content-length",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n".to_vec(),
+        ),
+        (
+            "conflicting content-lengths",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabc"
+                .to_vec(),
+        ),
+        (
+            "bad chunk size",
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+                .to_vec(),
+        ),
+        ("truncated request line", b"GET /".to_vec()),
+        ("body cut short", b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc".to_vec()),
+    ];
+    for (what, bytes) in &cases {
+        let status = raw(bytes);
+        eprintln!("{what}: {status:?}");
+        assert!(
+            status.is_empty()
+                || status.starts_with("HTTP/1.1 4")
+                || status.starts_with("HTTP/1.1 5"),
+            "{what}: answered {status:?}"
+        );
+        // tqproxy itself is still there and serving after each one.
+        assert_eq!(env.get("/").status, 200, "after {what}");
+    }
+
+    // The control socket: every malformed message gets a JSON error, nothing else happens.
+    let control = |bytes: &[u8]| -> serde_json::Value {
+        let mut s = UnixStream::connect(env.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    };
+    let oversized = format!(
+        "{{\"cmd\":\"status\",\"pad\":\"{}\"}}\n",
+        "x".repeat(100 * 1024)
+    );
+    for (msg, expect) in [
+        (&b"not json\n"[..], "invalid request"),
+        (b"{\"cmd\":\"explode\"}\n", "invalid request"),
+        (b"{\"cmd\":\"scale\",\"worker\":\"w\"}\n", "invalid request"),
+        (
+            b"{\"cmd\":\"scale\",\"worker\":\"w\",\"instances\":-1}\n",
+            "invalid request",
+        ),
+        (
+            b"{\"cmd\":\"scale\",\"worker\":\"w\",\"instances\":100000}\n",
+            "at most 256",
+        ),
+        (
+            b"{\"cmd\":\"scale\",\"worker\":\"nope\",\"instances\":1}\n",
+            "no worker named",
+        ),
+        (b"{\"cmd\":\"rollback\",\"worker\":\"nope\"}\n", "nope"),
+        (b"\xff\xfe\n", "cannot read request"),
+        (oversized.as_bytes(), "larger than"),
+    ] {
+        let v = control(msg);
+        let text = v.to_string();
+        eprintln!("control: {text}");
+        assert!(
+            text.contains(expect),
+            "{:?} → {text}",
+            String::from_utf8_lossy(&msg[..msg.len().min(60)])
+        );
+        assert!(
+            v["type"] == "error" || v["ok"] == false || text.contains("\"ok\":false"),
+            "not reported as a failure: {text}"
+        );
+    }
+    // A client that connects and says nothing does not block the others.
+    let silent = UnixStream::connect(env.socket()).unwrap();
+    assert!(env.ok(&["status"]).contains("w"));
+    drop(silent);
+
+    load.wait_progress(100);
+    let (ok, failed, errors) = load.finish();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} failed: {:?}",
+        ok + failed,
+        &errors[..errors.len().min(5)]
+    );
+    let after: BTreeSet<u32> = env.instances("w").iter().filter_map(|i| i.pid).collect();
+    assert_eq!(before, after, "the same instances serve");
+    assert!(env.exited().is_none(), "tqproxy is still running");
+}
