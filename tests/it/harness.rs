@@ -714,6 +714,19 @@ impl Load {
         );
     }
 
+    /// Stops the load and asserts that not one request failed; returns how many succeeded.
+    pub fn finish_without_failures(self, what: &str) -> u64 {
+        let (ok, failed, errors) = self.finish();
+        assert_eq!(
+            failed,
+            0,
+            "{what}: {failed} of {} requests failed: {:?}",
+            ok + failed,
+            &errors[..errors.len().min(8)]
+        );
+        ok
+    }
+
     /// Stops the load; returns (ok, failed, error samples).
     pub fn finish(mut self) -> (u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);

@@ -37,6 +37,13 @@ const NS_NAMES: [&str; 7] = ["pid", "mnt", "net", "ipc", "uts", "user", "cgroup"
 /// (request load, leaks, fork bombs) hold the lock shared, so they never overlap with it.
 static CPU: RwLock<()> = RwLock::new(());
 
+/// A checkout under /tmp (the test binaries, and so the workers' programs, live there): a
+/// private /tmp would hide the program, so tqproxy switches it off for those workers, as
+/// documented and tested by `private_tmp_is_off_for_a_worker_under_tmp`.
+fn binaries_under_tmp() -> bool {
+    Path::new(PROBE).starts_with("/tmp")
+}
+
 fn cpu_exclusive() -> RwLockWriteGuard<'static, ()> {
     CPU.write().unwrap_or_else(|p| p.into_inner())
 }
@@ -369,11 +376,13 @@ fn probe_report_matches_the_config_field_by_field() {
     assert_eq!(r["env"]["LISTEN_PID"], "2");
     // mount: read-only root, private /tmp (this environment is outside /tmp).
     assert_eq!(r["mounts_ro_root"], true);
-    assert_eq!(r["tmp_is_private"], true);
+    assert_eq!(r["tmp_is_private"], !binaries_under_tmp());
     assert_eq!(r["cwd"], env.worker_dir("full").display().to_string());
-    let marker = PathBuf::from(format!("/tmp/tqproxy-it-private-{tq}"));
-    assert_eq!(probe_write(&env, "full", &marker)["writable"], true);
-    assert!(!marker.exists(), "the worker's /tmp is the host's");
+    if !binaries_under_tmp() {
+        let marker = PathBuf::from(format!("/tmp/tqproxy-it-private-{tq}"));
+        assert_eq!(probe_write(&env, "full", &marker)["writable"], true);
+        assert!(!marker.exists(), "the worker's /tmp is the host's");
+    }
     let w = probe_write(&env, "full", &env.worker_dir("full").join("x"));
     assert_eq!(w["writable"], false, "{w}");
     // pid: its /proc shows its own namespace only.
@@ -455,7 +464,7 @@ fn shipped_probe_config_serves_with_its_sandbox() {
     assert_eq!(r["hostname"], format!("probe-{id}"));
     assert_eq!(r["interfaces"], json!(["lo"]));
     assert_eq!(r["mounts_ro_root"], true);
-    assert_eq!(r["tmp_is_private"], true);
+    assert_eq!(r["tmp_is_private"], !binaries_under_tmp());
     assert_eq!(r["memory_limit_bytes"], 64 << 20);
     assert_eq!(r["pids_max"], 64);
     assert_eq!(
@@ -531,14 +540,7 @@ fn memory_leak_is_oom_killed_at_its_limit_and_the_neighbour_is_unaffected() {
     assert_eq!(env.worker("leak").restarts["crash"], 0);
     assert!(!alive(pid));
     load.wait_progress(50);
-    let (ok, failed, errors) = load.finish();
-    assert_eq!(
-        failed,
-        0,
-        "neighbour: {failed} of {} requests failed: {:?}",
-        ok + failed,
-        &errors[..errors.len().min(5)]
-    );
+    load.finish_without_failures("neighbour");
     stop_clean(&mut env);
 }
 
@@ -586,14 +588,7 @@ fn recycle_memory_replaces_an_instance_before_the_kernel_kills_it() {
     let w = env.worker("fat");
     assert_eq!((w.restarts["memory"], w.restarts["crash"]), (1, 0));
     assert_eq!(successor.restarts, 1);
-    let (ok, failed, errors) = load.finish();
-    assert_eq!(
-        failed,
-        0,
-        "neighbour: {failed} of {} requests failed: {:?}",
-        ok + failed,
-        &errors[..errors.len().min(5)]
-    );
+    load.finish_without_failures("neighbour");
     stop_clean(&mut env);
 }
 
