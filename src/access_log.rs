@@ -10,8 +10,8 @@
 //! than slowing requests down or growing without bound. An idle line reaches the file
 //! within `INTERVAL`; `flush` waits for everything logged before it (shutdown uses it).
 //!
-//! The file is opened in append mode and never rotated by tqproxy: rotate it with
-//! `logrotate`'s `copytruncate` (appends continue at the new end).
+//! The file is opened in append mode and never rotated by tqproxy itself: `tqproxy reload`
+//! reopens it (logrotate's `postrotate`), or rotate it with `copytruncate`.
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
@@ -45,6 +45,10 @@ struct State {
     written: u64,
     /// Every `AccessLog` handle is gone: write what is left and end the thread.
     closed: bool,
+    /// `reopen` asked the writer to open the path again after writing what is buffered, and
+    /// the outcome of the last time it did.
+    reopen: bool,
+    reopened: Option<Result<(), String>>,
 }
 
 struct Shared {
@@ -101,10 +105,10 @@ impl AccessLog {
             dropped: AtomicU64::new(0),
         });
         let writer = shared.clone();
-        let display = path.display().to_string();
+        let path = path.to_path_buf();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_loop(&writer, file, &display))?;
+            .spawn(move || write_loop(&writer, file, &path))?;
         Ok(AccessLog {
             _closer: Arc::new(Closer(shared.clone())),
             shared,
@@ -119,15 +123,29 @@ impl AccessLog {
     /// Waits (up to `timeout`) until every line logged so far is written to the file. For the
     /// moment before the process exits: lines are otherwise written every `INTERVAL`.
     pub fn flush(&self, timeout: Duration) -> bool {
+        self.flush_then(timeout, false).is_some()
+    }
+
+    /// Writes out what is buffered, then opens the file's path again (after logrotate moved
+    /// the file away); on failure the old file stays in use. Waits up to `timeout`.
+    pub fn reopen(&self, timeout: Duration) -> Result<(), String> {
+        self.flush_then(timeout, true)
+            .unwrap_or_else(|| Err("the access log writer did not answer in time".into()))
+    }
+
+    /// A flush, optionally followed by a reopen; `None` if the writer did not get to it in
+    /// time, else the reopen's outcome (`Ok` for a plain flush).
+    fn flush_then(&self, timeout: Duration, reopen: bool) -> Option<Result<(), String>> {
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.lock();
+        st.reopen |= reopen;
         st.requested += 1;
         let want = st.requested;
         self.shared.wake.notify_one();
         while st.written < want {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                return None;
             }
             st = self
                 .shared
@@ -136,7 +154,11 @@ impl AccessLog {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        true
+        Some(if reopen {
+            st.reopened.clone().unwrap_or(Ok(()))
+        } else {
+            Ok(())
+        })
     }
 
     /// Appends one formatted line (ending in `\n`), or drops and counts it when too much is
@@ -201,7 +223,9 @@ impl AccessLog {
 
 /// The writer thread: sleep until `INTERVAL` passes, the buffer crosses `HIGH_WATER`, a flush
 /// is asked for or the log is closed; then swap the buffer out and write it in one go.
-fn write_loop(shared: &Shared, mut file: File, path: &str) {
+fn write_loop(shared: &Shared, mut file: File, path: &Path) {
+    let shown = path.display().to_string();
+    let path_str = shown.as_str();
     let mut spare = Vec::with_capacity(HIGH_WATER);
     let mut failing = false;
     let mut st = shared.lock();
@@ -221,17 +245,18 @@ fn write_loop(shared: &Shared, mut file: File, path: &str) {
         std::mem::swap(&mut st.buf, &mut spare);
         let generation = st.requested;
         let closed = st.closed;
+        let reopen = std::mem::take(&mut st.reopen);
         drop(st);
         if !spare.is_empty() {
             match file.write_all(&spare) {
                 Ok(()) if failing => {
                     failing = false;
-                    tracing::info!(path, "access log writable again");
+                    tracing::info!(path = path_str, "access log writable again");
                 }
                 Ok(()) => {}
                 Err(e) if !failing => {
                     failing = true;
-                    tracing::warn!(path, error = %e, "cannot write the access log; lines are lost until it works again");
+                    tracing::warn!(path = path_str, error = %e, "cannot write the access log; lines are lost until it works again");
                 }
                 Err(_) => {}
             }
@@ -239,7 +264,24 @@ fn write_loop(shared: &Shared, mut file: File, path: &str) {
             spare.clear();
             spare.shrink_to(HIGH_WATER * 2);
         }
+        let reopened = reopen.then(|| {
+            match OpenOptions::new().create(true).append(true).open(path) {
+                Ok(f) => {
+                    file = f;
+                    failing = false;
+                    tracing::info!(path = path_str, "access log reopened");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!(path = path_str, error = %e, "cannot reopen the access log; still writing to the old file");
+                    Err(format!("cannot reopen the access log {path_str}: {e}"))
+                }
+            }
+        });
         st = shared.lock();
+        if reopened.is_some() {
+            st.reopened = reopened;
+        }
         st.written = generation;
         shared.done.notify_all();
         if closed && st.buf.is_empty() {
@@ -457,6 +499,41 @@ mod tests {
         assert_eq!(text.lines().count(), 1000);
         assert_eq!(text.lines().last(), Some("line 999"));
         assert_eq!(log.dropped(), 0);
+    }
+
+    /// logrotate moves the file away, `tqproxy reload` reopens it: what was logged before goes
+    /// to the moved file, what comes after to a new file at the path.
+    #[test]
+    fn reopen_after_a_move_writes_to_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::open(&path, AccessLogFormat::Combined).unwrap();
+        log.push(b"before\n");
+        std::fs::rename(&path, dir.path().join("access.log.1")).unwrap();
+        log.push(b"during\n");
+        assert_eq!(log.reopen(Duration::from_secs(10)), Ok(()));
+        log.push(b"after\n");
+        assert!(log.flush(Duration::from_secs(10)));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("access.log.1")).unwrap(),
+            "before\nduring\n"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "after\n");
+
+        // A path that cannot be opened any more: an error naming it, the old file kept.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let err = log.reopen(Duration::from_secs(10)).unwrap_err();
+        assert!(err.contains("cannot reopen the access log"), "{err}");
+        log.push(b"still\n");
+        assert!(log.flush(Duration::from_secs(10)));
+        // The old file was unlinked, but the writer still holds it: nothing is lost or panics,
+        // and a later good reopen works again.
+        std::fs::remove_dir(&path).unwrap();
+        assert_eq!(log.reopen(Duration::from_secs(10)), Ok(()));
+        log.push(b"again\n");
+        assert!(log.flush(Duration::from_secs(10)));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "again\n");
     }
 
     #[test]

@@ -301,8 +301,18 @@ pub fn run(config_path: &Path, opts: RunOptions) -> i32 {
             }
         }
     }
+    // Run by `tqproxy reload` before any worker changes: certificates (a broken one fails the
+    // reload), then the access log is reopened at its path (logrotate's `postrotate`).
+    let reload_log = access_log.clone();
     sup_handle.set_tls_reloader(Arc::new(move |c: &Config| {
-        reload_certificates(&resolvers, c)
+        let mut lines = reload_certificates(&resolvers, c)?;
+        if let Some(log) = &reload_log {
+            match log.reopen(Duration::from_secs(5)) {
+                Ok(()) => {}
+                Err(e) => lines.push(format!("warning: {e}")),
+            }
+        }
+        Ok(lines)
     }));
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

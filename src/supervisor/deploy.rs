@@ -651,6 +651,15 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
             message: "control.socket/control.admin changed: takes effect after `tqproxy upgrade` or a restart".into(),
         });
     }
+    if loaded.log.access_log != current.log.access_log
+        || loaded.log.access_format != current.log.access_format
+    {
+        lines.push(OutcomeLine {
+            worker: "-".into(),
+            ok: false,
+            message: "log.access_log/access_format changed: takes effect after `tqproxy upgrade` or a restart (reload only reopens the same file)".into(),
+        });
+    }
     h.set_config(loaded.clone());
     let names: BTreeSet<String> = current
         .workers

@@ -1286,6 +1286,23 @@ fn access_log_has_one_line_per_request_in_json_and_combined() {
         );
         assert!(line.contains(&tail), "{line}");
     }
+
+    // logrotate's way: move the file away, `tqproxy reload` reopens the path.
+    let path = env.dir.path().join("logs/access.log");
+    let moved = env.dir.path().join("logs/access.log.1");
+    std::fs::rename(&path, &moved).unwrap();
+    assert_eq!(env.get("/w/").status, 200);
+    env.ok(&["reload"]);
+    assert_eq!(env.get("/w/missing").status, 404);
+    let lines = wait_lines(&path, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("\"GET /w/missing HTTP/1.1\" 404 "),
+        "{lines:?}"
+    );
+    let old = std::fs::read_to_string(&moved).unwrap();
+    assert_eq!(old.lines().count(), 3, "written before the reopen:\n{old}");
+    env.stop(Duration::from_secs(30));
 }
 
 #[test]
