@@ -1,6 +1,6 @@
 //! The supervisor: the single owner of all instance state.
 //!
-//! One task (the *owner*, [`Owner::run`]) holds every worker and instance record, the port
+//! One task (the *owner*, `Owner::run`) holds every worker and instance record, the port
 //! pool and the cgroup driver, and is the only writer of the route table. Everything else
 //! talks to it through [`SupervisorHandle`] messages:
 //!

@@ -1,0 +1,507 @@
+//! Loading the global file: defaults, cross-worker checks, and the path and route helpers
+//! every file uses.
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------------
+
+pub(super) const DEFAULT_PATH_ENV: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Worker names become cgroup directories and log file names: keep them boring.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid worker name `{name}`: use 1-48 characters a-z, 0-9, '-', '_', starting with a letter or digit"
+        ))
+    }
+}
+
+impl Config {
+    /// Loads and validates the global file and every worker. Collects all errors.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = absolute(path);
+        let text = std::fs::read_to_string(&file).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                line: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        let mut errors = Vec::new();
+        let raw: RawGlobal = match parse_yaml(&file, &text) {
+            Ok(r) => r,
+            Err(e) => return Err(ConfigErrors(vec![e])),
+        };
+        let dir = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let ctx = Ctx {
+            file: &file,
+            text: &text,
+        };
+
+        let mut listen = Vec::new();
+        let mut listeners = Vec::new();
+        for (i, item) in raw.listen.iter().enumerate() {
+            let l = &item.0;
+            let key = format!("listen[{i}]");
+            let addr = match l.addr.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    errors.push(ctx.err(
+                        &["listen"],
+                        Some(&l.addr),
+                        key,
+                        format!("invalid address `{}` (expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080)", l.addr),
+                    ));
+                    continue;
+                }
+            };
+            if listen.contains(&addr) {
+                errors.push(ctx.err(
+                    &["listen"],
+                    Some(&l.addr),
+                    key.clone(),
+                    format!("`{}` is listed twice", l.addr),
+                ));
+            }
+            listen.push(addr);
+            let kind = match (&l.tls, &l.redirect_https) {
+                (Some(_), Some(_)) => {
+                    errors.push(ctx.err(
+                        &["listen"],
+                        Some(&l.addr),
+                        key,
+                        "a listener is either `tls` or `redirect_https`, not both".into(),
+                    ));
+                    continue;
+                }
+                (None, None) => ListenerKind::Plain,
+                (None, Some(RawRedirect::On(false))) => ListenerKind::Plain,
+                (None, Some(RawRedirect::On(true))) => ListenerKind::RedirectHttps { port: 443 },
+                (None, Some(RawRedirect::Port(p))) => ListenerKind::RedirectHttps { port: *p },
+                (Some(t), None) => {
+                    let mut certificates: Vec<crate::tls::CertFiles> = t
+                        .certificates
+                        .iter()
+                        .map(|c| crate::tls::CertFiles {
+                            cert: resolve(&dir, &c.cert),
+                            key: resolve(&dir, &c.key),
+                        })
+                        .collect();
+                    match (&t.cert, &t.key) {
+                        (Some(c), Some(k)) => certificates.insert(
+                            0,
+                            crate::tls::CertFiles {
+                                cert: resolve(&dir, c),
+                                key: resolve(&dir, k),
+                            },
+                        ),
+                        (None, None) => {}
+                        _ => errors.push(ctx.err(
+                            &["listen", "tls"],
+                            None,
+                            format!("{key}.tls"),
+                            "`cert` and `key` go together".into(),
+                        )),
+                    }
+                    if certificates.is_empty() {
+                        errors.push(ctx.err(
+                            &["listen", "tls"],
+                            None,
+                            format!("{key}.tls"),
+                            "needs `cert` and `key` (or `certificates: [{cert, key}, …]`)".into(),
+                        ));
+                    } else if let Err(e) = crate::tls::CertStore::load(&certificates) {
+                        errors.push(ctx.err(&["listen", "tls"], None, format!("{key}.tls"), e));
+                    }
+                    ListenerKind::Tls {
+                        certificates,
+                        h2: t.h2.unwrap_or(true),
+                    }
+                }
+            };
+            listeners.push(Listener { addr, kind });
+        }
+        if raw.listen.is_empty() {
+            errors.push(ctx.err(
+                &["listen"],
+                None,
+                "listen",
+                "at least one address is required".into(),
+            ));
+        }
+
+        let control_socket = resolve(
+            &dir,
+            raw.control
+                .socket
+                .as_deref()
+                .unwrap_or("../run/tqproxy.sock"),
+        );
+        // The admin listener is on by default (loopback); `admin: off` disables it.
+        let admin = match raw.control.admin.as_deref() {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 8090))),
+            Some("off") => None,
+            Some(a) => match a.parse::<SocketAddr>() {
+                Ok(addr) if addr.ip().is_loopback() => Some(addr),
+                Ok(_) => {
+                    errors.push(ctx.err(
+                        &["control", "admin"],
+                        None,
+                        "control.admin",
+                        format!("`{a}` is not a loopback address; the admin listener serves /metrics and /status and must stay on 127.0.0.0/8 or ::1"),
+                    ));
+                    None
+                }
+                Err(_) => {
+                    errors.push(ctx.err(
+                        &["control", "admin"],
+                        None,
+                        "control.admin",
+                        format!("invalid address `{a}` (expected e.g. 127.0.0.1:8090)"),
+                    ));
+                    None
+                }
+            },
+        };
+
+        let ports = match parse_port_range(&raw.ports) {
+            Ok(r) => r,
+            Err(m) => {
+                errors.push(ctx.err(&["ports"], None, "ports", m));
+                9000..=9999
+            }
+        };
+        for a in &listen {
+            if ports.contains(&a.port()) {
+                errors.push(ctx.err(
+                    &["listen"],
+                    None,
+                    "listen",
+                    format!(
+                        "{a} is inside the worker port range {}-{}",
+                        ports.start(),
+                        ports.end()
+                    ),
+                ));
+            }
+        }
+
+        let d = &raw.defaults;
+        let defaults = Defaults {
+            instances: d.instances.unwrap_or(1),
+            drain_timeout: d.drain_timeout.map_or(Duration::from_secs(30), |x| x.0),
+            stop_timeout: d.stop_timeout.map_or(Duration::from_secs(10), |x| x.0),
+            queue_timeout: d.queue_timeout.map_or(Duration::from_secs(5), |x| x.0),
+            start_timeout: d.start_timeout.map_or(Duration::from_secs(30), |x| x.0),
+            connect_timeout: d.connect_timeout.map_or(Duration::from_secs(2), |x| x.0),
+            read_timeout: d.read_timeout.map_or(Duration::from_secs(60), |x| x.0),
+        };
+        if defaults.instances == 0 {
+            errors.push(ctx.err(
+                &["defaults", "instances"],
+                None,
+                "defaults.instances",
+                "must be at least 1".into(),
+            ));
+        }
+
+        let threads = raw
+            .proxy
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads == 0 || threads > 256 {
+            errors.push(ctx.err(
+                &["proxy", "threads"],
+                None,
+                "proxy.threads",
+                "must be between 1 and 256".into(),
+            ));
+        }
+        let proxy = ProxySettings {
+            h2c: raw.proxy.h2c,
+            threads: threads.clamp(1, 256),
+            upstream_keepalive_pool: raw.proxy.upstream_keepalive_pool.unwrap_or(1024),
+            upstream_idle_timeout: raw
+                .proxy
+                .upstream_idle_timeout
+                .map_or(Duration::from_secs(30), |x| x.0),
+            max_retries: raw.proxy.max_retries.unwrap_or(3).max(1),
+        };
+
+        let level = raw.log.level.clone().unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            errors.push(ctx.err(
+                &["log", "level"],
+                None,
+                "log.level",
+                format!("invalid level `{level}` (e.g. info, debug, tqproxy=debug,pingora=warn)"),
+            ));
+        }
+        let log = LogSettings {
+            level,
+            format: raw.log.format.unwrap_or(LogFormat::Text),
+            access_log: raw.log.access_log.as_deref().map(|p| resolve(&dir, p)),
+            access_format: raw.log.access_format.unwrap_or(AccessLogFormat::Combined),
+            worker_log_max_size: raw.log.worker_log_max_size.map_or(64 << 20, |s| s.0),
+            worker_log_keep: raw.log.worker_log_keep.unwrap_or(5),
+        };
+        let cgroups = CgroupSettings {
+            mode: raw.cgroups.mode.unwrap_or(CgroupMode::Auto),
+            root: PathBuf::from(raw.cgroups.root.as_deref().unwrap_or("/sys/fs/cgroup")),
+            base: raw.cgroups.base.clone().unwrap_or_else(|| "tqproxy".into()),
+        };
+        if validate_name(&cgroups.base).is_err() {
+            errors.push(ctx.err(
+                &["cgroups", "base"],
+                None,
+                "cgroups.base",
+                format!("invalid cgroup name `{}`", cgroups.base),
+            ));
+        }
+
+        let workers_dir = resolve(&dir, &raw.workers_dir);
+        let mut workers = BTreeMap::new();
+        match std::fs::read_dir(&workers_dir) {
+            Err(e) => errors.push(ctx.err(
+                &["workers_dir"],
+                None,
+                "workers_dir",
+                format!("cannot read {}: {e}", workers_dir.display()),
+            )),
+            Ok(entries) => {
+                let mut dirs: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.join("worker.yaml").is_file())
+                    .collect();
+                dirs.sort();
+                for wdir in dirs {
+                    match load_worker(&wdir, &defaults) {
+                        Ok(Some(w)) => {
+                            workers.insert(w.name.clone(), Arc::new(w));
+                        }
+                        Ok(None) => {}
+                        Err(mut es) => errors.append(&mut es),
+                    }
+                }
+            }
+        }
+
+        // Cross-worker checks: a route served by two workers, the port pool size.
+        let mut seen: HashMap<(Option<String>, String), String> = HashMap::new();
+        for w in workers.values() {
+            let wtext = std::fs::read_to_string(&w.file).unwrap_or_default();
+            let wctx = Ctx {
+                file: &w.file,
+                text: &wtext,
+            };
+            for r in &w.routes {
+                let key = (r.host.clone(), r.prefix.clone());
+                if let Some(other) = seen.get(&key) {
+                    errors.push(wctx.err(
+                        &["routes"],
+                        Some(&format!("{}{}", r.host.as_deref().unwrap_or(""), r.prefix)),
+                        "routes",
+                        format!(
+                            "route `{}{}` is already served by worker `{other}`",
+                            r.host.as_deref().unwrap_or(""),
+                            r.prefix
+                        ),
+                    ));
+                } else {
+                    seen.insert(key, w.name.clone());
+                }
+            }
+        }
+        let needed: u64 = workers
+            .values()
+            .map(|w| w.instances as u64 * 2 + w.deploy.max_surge as u64)
+            .sum();
+        let pool = (*ports.end() as u64) - (*ports.start() as u64) + 1;
+        if needed > pool {
+            errors.push(ctx.err(
+                &["ports"],
+                None,
+                "ports",
+                format!("range {}-{} has {pool} ports but the workers may need {needed} during a deploy (2 × instances + max_surge each)", ports.start(), ports.end()),
+            ));
+        }
+
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(Config {
+            file,
+            listen,
+            listeners,
+            control_socket,
+            admin,
+            workers_dir,
+            logs_dir: resolve(&dir, &raw.logs_dir),
+            run_dir: resolve(&dir, &raw.run_dir),
+            ports,
+            proxy,
+            log,
+            cgroups,
+            workers,
+        })
+    }
+
+    /// Reads just `control.socket` from the global file, tolerating every other error, so the
+    /// client verbs (`status`, `stop`, …) work even while the file is being edited.
+    pub fn control_socket_of(path: &Path) -> Result<PathBuf, String> {
+        let file = absolute(path);
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+        let dir = file.parent().unwrap_or(Path::new("/"));
+        let socket = value
+            .get("control")
+            .and_then(|c| c.get("socket"))
+            .and_then(|s| s.as_str())
+            .unwrap_or("../run/tqproxy.sock");
+        Ok(resolve(dir, socket))
+    }
+}
+
+/// A stable uid in systemd's DynamicUser range (61184–65519) derived from the worker name.
+pub fn dynamic_uid(name: &str) -> u32 {
+    // FNV-1a: stable across runs and versions (std's hasher is not).
+    let mut h: u32 = 0x811c9dc5;
+    for b in name.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    61184 + h % (65519 - 61184 + 1)
+}
+
+/// `/api`, `/api/`, `example.com/api`, `*.example.com/`, `example.com` → (host, prefix).
+pub fn parse_route(s: &str) -> Result<(Option<String>, String), String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty route".into());
+    }
+    if s.contains(char::is_whitespace) || s.contains('?') || s.contains('#') {
+        return Err(format!(
+            "invalid route `{s}`: no spaces, `?` or `#` allowed"
+        ));
+    }
+    let (host, path) = match s.find('/') {
+        Some(0) => (None, s),
+        Some(i) => (Some(&s[..i]), &s[i..]),
+        None => (Some(s), "/"),
+    };
+    let host = match host {
+        None => None,
+        Some(h) => {
+            let h = h.to_ascii_lowercase();
+            let bare = h.strip_prefix("*.").unwrap_or(&h);
+            let valid = !bare.is_empty()
+                && bare.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !valid {
+                return Err(format!(
+                    "invalid host `{h}` in route `{s}` (expected e.g. api.example.com/v1 or *.example.com/)"
+                ));
+            }
+            Some(h)
+        }
+    };
+    if path.contains("//") || path.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(format!("invalid path in route `{s}`"));
+    }
+    let prefix = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    Ok((host, prefix.to_string()))
+}
+
+pub(super) fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let bad = || format!("invalid port range `{s}` (expected e.g. 9000-9999)");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    if a == 0 || a > b {
+        return Err(bad());
+    }
+    Ok(a..=b)
+}
+
+pub(super) fn resolve_program(dir: &Path, prog: &str) -> Result<PathBuf, String> {
+    let path = if prog.contains('/') {
+        resolve(dir, prog)
+    } else {
+        let search = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH_ENV.into());
+        match std::env::split_paths(&search)
+            .map(|d| d.join(prog))
+            .find(|p| p.is_file())
+        {
+            Some(p) => p,
+            None => return Err(format!("program `{prog}` not found in PATH")),
+        }
+    };
+    match std::fs::metadata(&path) {
+        Err(e) => Err(format!("program {} : {e}", path.display())),
+        Ok(m) if !m.is_file() => Err(format!("program {} is not a file", path.display())),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => {
+            Err(format!("program {} is not executable", path.display()))
+        }
+        Ok(_) => Ok(path),
+    }
+}
+
+/// Makes `path` absolute against the current directory, without touching the filesystem.
+pub fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        normalize(path)
+    } else {
+        normalize(
+            &std::env::current_dir()
+                .unwrap_or_else(|_| PathBuf::from("/"))
+                .join(path),
+        )
+    }
+}
+
+/// Resolves `p` against `dir` (the directory of the file it was written in).
+pub fn resolve(dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        normalize(p)
+    } else {
+        normalize(&dir.join(p))
+    }
+}
+
+/// Removes `.` and `..` lexically (symlinks are not followed, on purpose: paths are shown to the
+/// operator as written).
+pub(super) fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}

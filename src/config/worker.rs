@@ -1,0 +1,572 @@
+//! Loading one `workers/<name>/worker.yaml`: routes, health, deploy, resources, sandbox.
+
+use super::*;
+
+pub(super) struct Defaults {
+    pub(super) instances: u32,
+    pub(super) drain_timeout: Duration,
+    pub(super) stop_timeout: Duration,
+    pub(super) queue_timeout: Duration,
+    pub(super) start_timeout: Duration,
+    pub(super) connect_timeout: Duration,
+    pub(super) read_timeout: Duration,
+}
+
+pub(super) fn load_worker(
+    dir: &Path,
+    defaults: &Defaults,
+) -> Result<Option<WorkerConfig>, Vec<ConfigError>> {
+    let file = dir.join("worker.yaml");
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        vec![ConfigError {
+            file: file.clone(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        }]
+    })?;
+    let raw: RawWorker = parse_yaml(&file, &text).map_err(|e| vec![e])?;
+    if !raw.enabled {
+        return Ok(None);
+    }
+    let ctx = Ctx {
+        file: &file,
+        text: &text,
+    };
+    let mut errors = Vec::new();
+    if let Err(m) = validate_name(&name) {
+        errors.push(ctx.err(&[], None, "", format!("directory name: {m}")));
+    }
+
+    // command
+    let (program, args) = match raw.command.split_first() {
+        None => {
+            errors.push(ctx.err(
+                &["command"],
+                None,
+                "command",
+                "must name a program (e.g. [\"bin/hello\"])".into(),
+            ));
+            (PathBuf::new(), Vec::new())
+        }
+        Some((prog, args)) => match resolve_program(dir, prog) {
+            Ok(p) => (p, args.to_vec()),
+            Err(m) => {
+                errors.push(ctx.err(&["command"], None, "command", m));
+                (PathBuf::new(), Vec::new())
+            }
+        },
+    };
+    let cwd = resolve(dir, raw.cwd.as_deref().unwrap_or("."));
+    if raw.cwd.is_some() && !cwd.is_dir() {
+        errors.push(ctx.err(
+            &["cwd"],
+            None,
+            "cwd",
+            format!("{} is not a directory", cwd.display()),
+        ));
+    }
+
+    // routes
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let (text_route, strip) = match r {
+            RawRoute::Short(s) => (s.as_str(), raw.strip_prefix),
+            RawRoute::Full(f) => (f.route.as_str(), f.strip_prefix.unwrap_or(raw.strip_prefix)),
+        };
+        match parse_route(text_route) {
+            Ok((host, prefix)) => {
+                let spec = RouteSpec {
+                    host,
+                    prefix,
+                    strip_prefix: strip,
+                };
+                if routes
+                    .iter()
+                    .any(|x: &RouteSpec| x.host == spec.host && x.prefix == spec.prefix)
+                {
+                    errors.push(ctx.err(
+                        &["routes"],
+                        Some(text_route),
+                        format!("routes[{i}]"),
+                        format!("route `{text_route}` is listed twice"),
+                    ));
+                }
+                routes.push(spec);
+            }
+            Err(m) => {
+                errors.push(ctx.err(&["routes"], Some(text_route), format!("routes[{i}]"), m))
+            }
+        }
+    }
+
+    for k in raw.env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            errors.push(ctx.err(
+                &["env"],
+                Some(k),
+                format!("env.{k}"),
+                "invalid variable name".into(),
+            ));
+        }
+        if RESERVED_ENV.contains(&k.as_str()) {
+            errors.push(ctx.err(
+                &["env"],
+                Some(k),
+                format!("env.{k}"),
+                format!("`{k}` is set by tqproxy for every instance and cannot be overridden"),
+            ));
+        }
+    }
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_string(), DEFAULT_PATH_ENV.to_string());
+    env.extend(raw.env.clone());
+
+    let instances = raw.instances.unwrap_or(defaults.instances);
+    if instances > 256 {
+        errors.push(ctx.err(
+            &["instances"],
+            None,
+            "instances",
+            "at most 256 instances per worker".into(),
+        ));
+    }
+
+    let health = HealthConfig {
+        path: raw.health.path.clone(),
+        interval: raw.health.interval.map_or(Duration::from_secs(1), |x| x.0),
+        timeout: raw
+            .health
+            .timeout
+            .map_or(Duration::from_millis(500), |x| x.0),
+        unhealthy_after: raw.health.unhealthy_after.unwrap_or(3),
+    };
+    if let Some(p) = &health.path
+        && (!p.starts_with('/') || p.contains(char::is_whitespace))
+    {
+        errors.push(ctx.err(
+            &["health", "path"],
+            None,
+            "health.path",
+            format!("`{p}` must be an absolute path without spaces, e.g. /health"),
+        ));
+    }
+    if health.interval < Duration::from_millis(10) {
+        errors.push(ctx.err(
+            &["health", "interval"],
+            None,
+            "health.interval",
+            "must be at least 10ms".into(),
+        ));
+    }
+    if health.timeout.is_zero() {
+        errors.push(ctx.err(
+            &["health", "timeout"],
+            None,
+            "health.timeout",
+            "must be more than 0".into(),
+        ));
+    }
+    if health.unhealthy_after == 0 {
+        errors.push(ctx.err(
+            &["health", "unhealthy_after"],
+            None,
+            "health.unhealthy_after",
+            "must be at least 1".into(),
+        ));
+    }
+
+    let deploy = DeployConfig {
+        strategy: raw.deploy.strategy.unwrap_or(Strategy::Rolling),
+        max_surge: raw.deploy.max_surge.unwrap_or(1),
+        rollback_window: raw
+            .deploy
+            .rollback_window
+            .map_or(Duration::from_secs(60), |x| x.0),
+    };
+    if deploy.max_surge == 0 {
+        errors.push(ctx.err(
+            &["deploy", "max_surge"],
+            None,
+            "deploy.max_surge",
+            "must be at least 1".into(),
+        ));
+    }
+
+    let restart = RestartPolicy {
+        backoff: raw
+            .restart
+            .backoff
+            .map_or(Duration::from_millis(100), |x| x.0),
+        backoff_max: raw
+            .restart
+            .backoff_max
+            .map_or(Duration::from_secs(30), |x| x.0),
+        crashloop_after: raw.restart.crashloop_after.unwrap_or(5),
+        reset_after: raw
+            .restart
+            .reset_after
+            .map_or(Duration::from_secs(10), |x| x.0),
+    };
+    if restart.backoff_max < restart.backoff {
+        errors.push(ctx.err(
+            &["restart", "backoff_max"],
+            None,
+            "restart.backoff_max",
+            "must not be less than restart.backoff".into(),
+        ));
+    }
+
+    let resources = worker_resources(&raw.resources, dir, &ctx, &mut errors);
+    let mut sandbox = worker_sandbox(&raw.sandbox, &name, dir, &ctx, &mut errors);
+    // A private /tmp would hide the worker's own files if they live under /tmp.
+    let tmp = Path::new("/tmp");
+    let own_under_tmp = [dir, program.as_path(), cwd.as_path()]
+        .into_iter()
+        .chain(sandbox.read_write.iter().map(PathBuf::as_path))
+        .chain(sandbox.read_only.iter().map(PathBuf::as_path))
+        .find(|p| p.starts_with(tmp));
+    if let (true, Some(p)) = (sandbox.private_tmp, own_under_tmp) {
+        if raw.sandbox.private_tmp == Some(true) {
+            errors.push(ctx.err(
+                &["sandbox", "private_tmp"],
+                None,
+                "sandbox.private_tmp",
+                format!(
+                    "a private /tmp would hide {}, which this worker needs",
+                    p.display()
+                ),
+            ));
+        }
+        sandbox.private_tmp = false;
+    }
+    if sandbox.has(Namespace::Net) && raw.health.path.is_none() {
+        // Port readiness still works: tqproxy owns the listening socket and probes it.
+    }
+
+    let build = raw.build.as_ref().map(|b| {
+        if b.command.is_empty() {
+            errors.push(ctx.err(
+                &["build", "command"],
+                None,
+                "build.command",
+                "must name a program".into(),
+            ));
+        }
+        BuildConfig {
+            command: b.command.clone(),
+            watch: b.watch.iter().map(|w| resolve(dir, w)).collect(),
+            timeout: b.timeout.map_or(Duration::from_secs(300), |x| x.0),
+        }
+    });
+
+    let recycle_memory = raw.recycle_memory.map(|s| s.0);
+    if let (Some(r), Some(m)) = (recycle_memory, resources.memory)
+        && r >= m
+    {
+        errors.push(ctx.err(&["recycle_memory"], None, "recycle_memory", format!("{} is not below resources.memory ({}); the kernel would OOM-kill the instance before tqproxy recycles it", fmt_size(r), fmt_size(m))));
+    }
+
+    let w = WorkerConfig {
+        name,
+        program_stamp: FileStamp::of(&program),
+        program,
+        args,
+        cwd,
+        routes,
+        instances,
+        env,
+        health,
+        deploy,
+        drain_timeout: raw.drain_timeout.map_or(defaults.drain_timeout, |x| x.0),
+        stop_timeout: raw.stop_timeout.map_or(defaults.stop_timeout, |x| x.0),
+        queue_timeout: raw.queue_timeout.map_or(defaults.queue_timeout, |x| x.0),
+        start_timeout: raw.start_timeout.map_or(defaults.start_timeout, |x| x.0),
+        connect_timeout: raw
+            .connect_timeout
+            .map_or(defaults.connect_timeout, |x| x.0),
+        read_timeout: raw.read_timeout.map_or(defaults.read_timeout, |x| x.0),
+        max_requests: raw.max_requests,
+        recycle_memory,
+        restart,
+        resources,
+        sandbox,
+        build,
+        pass_socket: raw.pass_socket,
+        file: file.clone(),
+        dir: dir.to_path_buf(),
+    };
+    if errors.is_empty() {
+        Ok(Some(w))
+    } else {
+        Err(errors)
+    }
+}
+
+/// Environment variables tqproxy sets itself.
+pub const RESERVED_ENV: &[&str] = &[
+    "PORT",
+    "WORKER_PORT",
+    "WORKER_NAME",
+    "WORKER_INSTANCE",
+    "WORKER_GENERATION",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+];
+
+pub(super) fn worker_resources(
+    r: &RawResources,
+    dir: &Path,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> Resources {
+    let mut res = Resources {
+        memory: r.memory.map(|s| s.0),
+        memory_high: r.memory_high.map(|s| s.0),
+        cpu: r.cpu,
+        cpu_weight: r.cpu_weight,
+        pids: r.pids,
+        open_files: r.open_files,
+        core: r.core.map_or(0, |s| s.0),
+        address_space: r.address_space.map(|s| s.0),
+        file_size: r.file_size.map(|s| s.0),
+        io: None,
+    };
+    if let Some(m) = res.memory
+        && m < 1 << 20
+    {
+        errors.push(ctx.err(
+            &["resources", "memory"],
+            None,
+            "resources.memory",
+            "must be at least 1M".into(),
+        ));
+    }
+    if let (Some(h), Some(m)) = (res.memory_high, res.memory)
+        && h > m
+    {
+        errors.push(ctx.err(
+            &["resources", "memory_high"],
+            None,
+            "resources.memory_high",
+            "must not exceed resources.memory".into(),
+        ));
+    }
+    if let Some(c) = res.cpu
+        && !(0.01..=1024.0).contains(&c)
+    {
+        errors.push(ctx.err(
+            &["resources", "cpu"],
+            None,
+            "resources.cpu",
+            format!("{c} cores is out of range (0.01 to 1024)"),
+        ));
+    }
+    if let Some(w) = res.cpu_weight
+        && !(1..=10000).contains(&w)
+    {
+        errors.push(ctx.err(
+            &["resources", "cpu_weight"],
+            None,
+            "resources.cpu_weight",
+            format!("{w} is out of range (1 to 10000, default 100)"),
+        ));
+    }
+    if res.pids == Some(0) {
+        errors.push(ctx.err(
+            &["resources", "pids"],
+            None,
+            "resources.pids",
+            "must be at least 1".into(),
+        ));
+    }
+    if let Some(n) = res.open_files
+        && !(16..=1 << 20).contains(&n)
+    {
+        errors.push(ctx.err(
+            &["resources", "open_files"],
+            None,
+            "resources.open_files",
+            format!("{n} is out of range (16 to 1048576)"),
+        ));
+    }
+    if let Some(io) = &r.io {
+        let device = resolve(dir, io.device.as_deref().unwrap_or("."));
+        // The block device (whole disk) whose bandwidth is limited: the device node itself,
+        // or the one holding the given path.
+        let numbers = match crate::sandbox::block_device_of(&device) {
+            Ok(n) => n,
+            Err(e) => {
+                errors.push(ctx.err(
+                    &["resources", "io", "device"],
+                    None,
+                    "resources.io.device",
+                    format!("{}: no block device to limit ({e})", device.display()),
+                ));
+                (0, 0)
+            }
+        };
+        if io.read_bps.is_none()
+            && io.write_bps.is_none()
+            && io.read_iops.is_none()
+            && io.write_iops.is_none()
+        {
+            errors.push(ctx.err(
+                &["resources", "io"],
+                None,
+                "resources.io",
+                "set at least one of read_bps, write_bps, read_iops, write_iops".into(),
+            ));
+        }
+        res.io = Some(IoSettings {
+            device,
+            numbers,
+            read_bps: io.read_bps.map(|s| s.0),
+            write_bps: io.write_bps.map(|s| s.0),
+            read_iops: io.read_iops,
+            write_iops: io.write_iops,
+        });
+    }
+    res
+}
+
+pub(super) fn worker_sandbox(
+    s: &RawSandbox,
+    name: &str,
+    dir: &Path,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> SandboxConfig {
+    let user = if s.dynamic_user {
+        if s.user.is_some() || s.group.is_some() {
+            errors.push(ctx.err(
+                &["sandbox", "dynamic_user"],
+                None,
+                "sandbox.dynamic_user",
+                "cannot be combined with sandbox.user or sandbox.group".into(),
+            ));
+        }
+        let uid = dynamic_uid(name);
+        UserSpec::Dynamic { uid, gid: uid }
+    } else if let Some(u) = &s.user {
+        match nix::unistd::User::from_name(u) {
+            Ok(Some(pw)) => {
+                let (group, gid) = match &s.group {
+                    None => (
+                        nix::unistd::Group::from_gid(pw.gid)
+                            .ok()
+                            .flatten()
+                            .map_or_else(|| pw.gid.to_string(), |g| g.name),
+                        pw.gid.as_raw(),
+                    ),
+                    Some(g) => match nix::unistd::Group::from_name(g) {
+                        Ok(Some(gr)) => (gr.name, gr.gid.as_raw()),
+                        _ => {
+                            errors.push(ctx.err(&["sandbox", "group"], None, "sandbox.group", format!("group `{g}` does not exist (create it, e.g. `groupadd --system {g}`)")));
+                            (g.clone(), 0)
+                        }
+                    },
+                };
+                UserSpec::Named {
+                    user: u.clone(),
+                    group,
+                    uid: pw.uid.as_raw(),
+                    gid,
+                }
+            }
+            _ => {
+                errors.push(ctx.err(&["sandbox", "user"], None, "sandbox.user", format!("user `{u}` does not exist (create it with `useradd --system --no-create-home {u}`, or use dynamic_user: true)")));
+                UserSpec::Inherit
+            }
+        }
+    } else {
+        if s.group.is_some() {
+            errors.push(ctx.err(
+                &["sandbox", "group"],
+                None,
+                "sandbox.group",
+                "needs sandbox.user".into(),
+            ));
+        }
+        UserSpec::Inherit
+    };
+    let mut namespaces = Vec::new();
+    for ns in &s.namespaces {
+        if namespaces.contains(ns) {
+            errors.push(ctx.err(
+                &["sandbox", "namespaces"],
+                None,
+                "sandbox.namespaces",
+                format!("{ns:?} is listed twice").to_lowercase(),
+            ));
+        } else {
+            namespaces.push(*ns);
+        }
+    }
+    let seccomp = match s.seccomp.as_deref() {
+        None | Some("off") => SeccompSetting::Off,
+        Some("default") => SeccompSetting::Default,
+        Some(p) => {
+            let path = resolve(dir, p);
+            if !path.is_file() {
+                errors.push(ctx.err(
+                    &["sandbox", "seccomp"],
+                    None,
+                    "sandbox.seccomp",
+                    format!(
+                        "expected `default`, `off` or a profile file; {} does not exist",
+                        path.display()
+                    ),
+                ));
+            }
+            SeccompSetting::Profile(path)
+        }
+    };
+    let read_write: Vec<PathBuf> = s.read_write.iter().map(|p| resolve(dir, p)).collect();
+    let read_only: Vec<PathBuf> = s.read_only.iter().map(|p| resolve(dir, p)).collect();
+    for (i, p) in read_only.iter().enumerate() {
+        if !p.exists() {
+            errors.push(ctx.err(
+                &["sandbox", "read_only"],
+                Some(&s.read_only[i]),
+                format!("sandbox.read_only[{i}]"),
+                format!("{} does not exist", p.display()),
+            ));
+        }
+    }
+    for (i, p) in read_write.iter().enumerate() {
+        if p == Path::new("/") {
+            errors.push(ctx.err(
+                &["sandbox", "read_write"],
+                Some(&s.read_write[i]),
+                format!("sandbox.read_write[{i}]"),
+                "cannot be /".into(),
+            ));
+        }
+    }
+    let has_mount = namespaces.contains(&Namespace::Mount) || namespaces.contains(&Namespace::Pid);
+    let read_only_root = s.read_only_root.unwrap_or(has_mount);
+    let private_tmp = s.private_tmp.unwrap_or(has_mount);
+    if (s.read_only_root == Some(true) || s.private_tmp == Some(true)) && !has_mount {
+        errors.push(ctx.err(
+            &["sandbox"],
+            None,
+            "sandbox",
+            "read_only_root and private_tmp need the `mount` namespace".into(),
+        ));
+    }
+    SandboxConfig {
+        user,
+        namespaces,
+        seccomp,
+        landlock: s.landlock,
+        read_write,
+        read_only,
+        read_only_root,
+        private_tmp,
+    }
+}
