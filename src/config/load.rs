@@ -261,7 +261,16 @@ impl Config {
             mode: raw.cgroups.mode.unwrap_or(CgroupMode::Auto),
             root: PathBuf::from(raw.cgroups.root.as_deref().unwrap_or("/sys/fs/cgroup")),
             base: raw.cgroups.base.clone().unwrap_or_else(|| "tqproxy".into()),
+            delegated: raw.cgroups.delegated.unwrap_or(false),
         };
+        if cgroups.delegated && matches!(cgroups.mode, CgroupMode::V1 | CgroupMode::Off) {
+            errors.push(ctx.err(
+                &["cgroups", "delegated"],
+                None,
+                "cgroups.delegated",
+                "delegation is a cgroup v2 feature: use it with mode v2 or auto".to_string(),
+            ));
+        }
         if validate_name(&cgroups.base).is_err() {
             errors.push(ctx.err(
                 &["cgroups", "base"],

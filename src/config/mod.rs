@@ -207,6 +207,9 @@ pub struct CgroupSettings {
     pub mode: CgroupMode,
     pub root: PathBuf,
     pub base: String,
+    /// cgroup v2: build the tree inside tqproxy's own (systemd `Delegate=yes`) unit cgroup,
+    /// with tqproxy itself moved to `<unit>/supervisor`, instead of at `<root>/<base>`.
+    pub delegated: bool,
 }
 
 /// A route: optional host, path prefix (no trailing slash, `/` for everything), stripping.

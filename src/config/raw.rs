@@ -180,6 +180,7 @@ pub(super) struct RawCgroups {
     pub(super) mode: Option<CgroupMode>,
     pub(super) root: Option<String>,
     pub(super) base: Option<String>,
+    pub(super) delegated: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 //! Cgroups: tqproxy's own thin layer over cgroup v1 and v2.
 //!
-//! Instance cgroups live in `<base>/<run_id>/<name>` (v2: under the hierarchy root; v1: under
+//! Instance cgroups live in `<base>/<run_id>/<name>` (v2: under the hierarchy root, or under
+//! tqproxy's own unit cgroup when systemd delegated it, see [`enter_delegated`]; v1: under
 //! each controller's directory), e.g. `/sys/fs/cgroup/memory/tqproxy/4242/hello-1`. The
 //! supervisor creates one per instance with [`CgroupDriver::create`], passes
 //! [`InstanceCgroup::procs_files`] in the [`super::SpawnSpec`] (the helper joins them before
@@ -58,6 +59,64 @@ pub fn detect(root: &Path) -> Option<Hierarchy> {
     } else {
         None
     }
+}
+
+/// The sub-cgroup of a delegated unit that tqproxy's own process lives in (systemd's name for
+/// it in `DelegateSubgroup=` examples): v2 allows processes only in leaves of a subtree whose
+/// controllers are enabled, so the unit's cgroup itself must be left empty.
+pub const SUPERVISOR_CGROUP: &str = "supervisor";
+
+/// This process's cgroup v2 path relative to the hierarchy root (`/system.slice/x.service`),
+/// from the `0::` line of `/proc/self/cgroup`.
+pub fn own_v2_cgroup() -> Option<String> {
+    read(Path::new("/proc/self/cgroup"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+}
+
+/// Delegation (systemd `Delegate=yes`): tqproxy builds its tree inside the cgroup of its own
+/// unit instead of at the hierarchy root, so the workers are accounted to the unit and
+/// systemd's final kill reaches them. `own` is this process's cgroup path (see
+/// [`own_v2_cgroup`]). The unit's cgroup is `own`, or its parent when `own` is already
+/// `…/supervisor` (systemd's `DelegateSubgroup=supervisor`, or a tqproxy started by
+/// `tqproxy upgrade` from one that moved itself). tqproxy moves itself into
+/// `<unit>/supervisor` (v2 keeps processes out of cgroups whose children have controllers)
+/// and returns the unit's directory: the root to give [`CgroupDriver::new`] as
+/// `Hierarchy::V2 { root }`.
+pub fn enter_delegated(root: &Path, own: &str, pid: u32) -> Result<PathBuf, SandboxError> {
+    let own = own.trim_matches('/');
+    if own.is_empty() {
+        return Err(SandboxError::Delegation(
+            "tqproxy runs in the root cgroup, not in a delegated unit cgroup (Delegate=yes)".into(),
+        ));
+    }
+    let (unit, inside) = match own.rsplit_once('/') {
+        Some((parent, SUPERVISOR_CGROUP)) => (parent, true),
+        _ => (own, false),
+    };
+    if !unit
+        .rsplit('/')
+        .next()
+        .is_some_and(|u| u.ends_with(".service"))
+    {
+        // A login session's scope, a shell, a container: not ours to rearrange.
+        return Err(SandboxError::Delegation(format!(
+            "tqproxy's cgroup /{own} is not a systemd service's (run it as a service with Delegate=yes)"
+        )));
+    }
+    let unit_dir = root.join(unit);
+    if !unit_dir.join("cgroup.procs").is_file() {
+        return Err(SandboxError::Delegation(format!(
+            "{} is not a cgroup v2 directory",
+            unit_dir.display()
+        )));
+    }
+    if !inside {
+        let supervisor = unit_dir.join(SUPERVISOR_CGROUP);
+        mkdir(&supervisor)?;
+        write(&supervisor.join("cgroup.procs"), &pid.to_string())?;
+    }
+    Ok(unit_dir)
 }
 
 /// Limits of one instance's cgroup. `None`/empty = not limited.

@@ -264,6 +264,8 @@ pub enum SandboxError {
         path: PathBuf,
         what: &'static str,
     },
+    #[error("cgroup delegation: {0}")]
+    Delegation(String),
     #[error("cgroup {path} already exists and holds processes {pids:?}")]
     CgroupBusy { path: PathBuf, pids: Vec<i32> },
     #[error("processes {pids:?} still in cgroup {path} after {waited_ms} ms of killing")]

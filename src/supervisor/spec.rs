@@ -31,6 +31,14 @@ pub(super) fn setup_cgroups(config: &Config) -> Option<Arc<CgroupDriver>> {
             h
         }
     };
+    let h = match (config.cgroups.delegated, h) {
+        (true, cgroup::Hierarchy::V2 { root }) => delegated_root(&root),
+        (true, h) => {
+            tracing::warn!(found = ?h, "cgroups.delegated needs cgroup v2; building the tree at the root instead");
+            h
+        }
+        (false, h) => h,
+    };
     match CgroupDriver::new(h, &config.cgroups.base, &std::process::id().to_string()) {
         Ok(d) => {
             for s in d.cleanup_stale() {
@@ -42,6 +50,25 @@ pub(super) fn setup_cgroups(config: &Config) -> Option<Arc<CgroupDriver>> {
         Err(e) => {
             tracing::warn!(error = %e, "cgroups unavailable: instances run without resource limits");
             None
+        }
+    }
+}
+
+/// The hierarchy to build in when systemd delegated tqproxy's unit cgroup to it: that cgroup,
+/// with tqproxy moved into its `supervisor` child. If tqproxy is not in a delegated cgroup,
+/// it says why and builds at the hierarchy root as without delegation.
+fn delegated_root(root: &Path) -> cgroup::Hierarchy {
+    let own = cgroup::own_v2_cgroup().unwrap_or_default();
+    match cgroup::enter_delegated(root, &own, std::process::id()) {
+        Ok(unit) => {
+            tracing::info!(cgroup = %unit.display(), "cgroups: building inside the delegated unit cgroup");
+            cgroup::Hierarchy::V2 { root: unit }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, own = %own, "cgroups.delegated: cannot use the unit cgroup; building the tree at the hierarchy root");
+            cgroup::Hierarchy::V2 {
+                root: root.to_owned(),
+            }
         }
     }
 }

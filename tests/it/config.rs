@@ -205,6 +205,10 @@ fn global_errors_name_file_line_and_key() {
             "log.level: invalid level",
         ),
         (
+            "listen: [\"127.0.0.1:18080\"]\ncgroups:\n  mode: v1\n  delegated: true\n",
+            "conf/tqproxy.yaml:4: cgroups.delegated: delegation is a cgroup v2 feature",
+        ),
+        (
             "listen: [\"127.0.0.1:18080\"]\nproxy: { threads: 0 }\n",
             "proxy.threads: must be between 1 and 256",
         ),

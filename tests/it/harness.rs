@@ -221,6 +221,30 @@ impl Env {
         self.child = Some(child);
     }
 
+    /// Starts tqproxy the way systemd starts a service: already inside the cgroup whose
+    /// `cgroup.procs` is given (a shell joins it, then execs tqproxy under the same pid).
+    pub fn spawn_in_cgroup(&mut self, procs: &Path) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new("/bin/sh")
+            .args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+            .arg(procs)
+            .arg(TQPROXY)
+            .arg("-c")
+            .arg(self.conf())
+            .arg("run")
+            .env("TQPROXY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn tqproxy");
+        self.child = Some(child);
+    }
+
     pub fn wait_running(&self) {
         wait_for(
             "tqproxy running with every instance ready",

@@ -79,6 +79,57 @@ fn v2_enables_exactly_the_needed_controllers_at_each_level() {
     }
 }
 
+/// systemd `Delegate=yes`: tqproxy moves itself into `<unit>/supervisor` and builds its tree in
+/// the unit's cgroup, enabling the controllers there (which v2 allows only once the unit's
+/// cgroup holds no process of its own).
+#[test]
+fn delegation_builds_inside_the_unit_cgroup() {
+    let fx = v2_fixture("cpu io memory pids", "cpu io memory pids");
+    let root = fx.path();
+    let unit = root.join("system.slice/tqproxy.service");
+    fs::create_dir_all(&unit).unwrap();
+    for f in ["cgroup.procs", "cgroup.subtree_control"] {
+        fs::write(unit.join(f), "").unwrap();
+    }
+    fs::write(unit.join("cgroup.controllers"), "cpu io memory pids").unwrap();
+
+    let dir = enter_delegated(root, "/system.slice/tqproxy.service", 4242).unwrap();
+    assert_eq!(dir, unit);
+    assert_eq!(content(&unit.join("supervisor/cgroup.procs")), "4242");
+    let d = CgroupDriver::new(Hierarchy::V2 { root: dir }, "tqproxy", "4242").unwrap();
+    for level in ["", "tqproxy", "tqproxy/4242"] {
+        assert_eq!(
+            content(&unit.join(level).join("cgroup.subtree_control")),
+            "+cpu +io +memory +pids",
+            "level {level:?}"
+        );
+    }
+    let c = d.create("w.1.1", &CgroupLimits::default()).unwrap();
+    assert_eq!(c.path(), unit.join("tqproxy/4242/w.1.1"));
+
+    // Already in `<unit>/supervisor` (systemd's DelegateSubgroup=, or a successor started by
+    // `tqproxy upgrade`): the unit is the parent, nothing is moved.
+    fs::write(unit.join("supervisor/cgroup.procs"), "").unwrap();
+    let dir = enter_delegated(root, "/system.slice/tqproxy.service/supervisor", 4343).unwrap();
+    assert_eq!(dir, unit);
+    assert_eq!(content(&unit.join("supervisor/cgroup.procs")), "");
+    assert!(!unit.join("supervisor/supervisor").exists());
+
+    // Not a delegated service cgroup: refused with the reason, nothing created.
+    for (own, why) in [
+        ("/", "root cgroup"),
+        (
+            "/user.slice/user-0.slice/session-3.scope",
+            "not a systemd service",
+        ),
+        ("/system.slice/gone.service", "not a cgroup v2 directory"),
+    ] {
+        let e = enter_delegated(root, own, 1).unwrap_err().to_string();
+        assert!(e.contains(why), "{own}: {e}");
+    }
+    assert!(!root.join("user.slice").exists());
+}
+
 #[test]
 fn v2_writes_only_what_is_missing_and_only_what_exists() {
     let fx = v2_fixture("cpuset cpu io memory pids", "cpu memory\n");
