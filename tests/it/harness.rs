@@ -202,41 +202,34 @@ impl Env {
     }
 
     pub fn spawn(&mut self, extra_args: &[&str]) {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        let child = Command::new(TQPROXY)
-            .arg("-c")
-            .arg(self.conf())
-            .arg("run")
-            .args(extra_args)
-            .env("TQPROXY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn tqproxy");
-        self.child = Some(child);
+        self.spawn_with_env(extra_args, &[]);
     }
 
     /// Starts tqproxy the way systemd starts a service: already inside the cgroup whose
     /// `cgroup.procs` is given (a shell joins it, then execs tqproxy under the same pid).
     pub fn spawn_in_cgroup(&mut self, procs: &Path) {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+            .arg(procs)
+            .arg(TQPROXY);
+        self.launch(cmd, &[], &[]);
+    }
+
+    /// `cmd` (tqproxy, or what execs it) with `-c <conf> run` and `extra_args`, its output
+    /// appended to the environment's log.
+    fn launch(&mut self, mut cmd: Command, extra_args: &[&str], vars: &[(&str, &str)]) {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new("/bin/sh")
-            .args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
-            .arg(procs)
-            .arg(TQPROXY)
+        let child = cmd
             .arg("-c")
             .arg(self.conf())
             .arg("run")
+            .args(extra_args)
             .env("TQPROXY_LOG", "info")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -829,23 +822,6 @@ pub fn free_port() -> u16 {
 impl Env {
     /// Like [`Env::spawn`], with extra environment variables for tqproxy (e.g. `NOTIFY_SOCKET`).
     pub fn spawn_with_env(&mut self, extra_args: &[&str], vars: &[(&str, &str)]) {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        let child = Command::new(TQPROXY)
-            .arg("-c")
-            .arg(self.conf())
-            .arg("run")
-            .args(extra_args)
-            .env("TQPROXY_LOG", "info")
-            .envs(vars.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn tqproxy");
-        self.child = Some(child);
+        self.launch(Command::new(TQPROXY), extra_args, vars);
     }
 }
