@@ -986,6 +986,12 @@ fn a_net_isolated_worker_cannot_connect_out_but_serves() {
     let mut env = Env::new(&[
         chaos("iso", "sandbox: { namespaces: [net] }\n"),
         chaos("open", ""),
+        WorkerDef::hello(
+            "hnet",
+            "[\"/hnet\"]",
+            1,
+            "strip_prefix: true\nsandbox: { namespaces: [net] }\n",
+        ),
     ]);
     env.start();
     let tq_net = ns_links(env.pid())["net"].clone();
@@ -1000,6 +1006,12 @@ fn a_net_isolated_worker_cannot_connect_out_but_serves() {
     let r = env.get("/iso/");
     assert_eq!(r.status, 200);
     assert!(r.body.starts_with("chaos "), "{}", r.body);
+    // hello takes the passed socket too (its own startup path, the same `listen.rs`).
+    let (_, hpid, _) = only_instance(&env, "hnet");
+    assert_ne!(ns_links(hpid)["net"], tq_net);
+    let r = env.get("/hnet/");
+    assert_eq!(r.status, 200);
+    assert!(r.body.starts_with("hello from hnet"), "{}", r.body);
     stop_clean(&mut env);
 }
 

@@ -33,6 +33,8 @@
 #[macro_use]
 #[path = "../common/http.rs"]
 mod http;
+#[path = "../common/listen.rs"]
+mod listen;
 
 use std::fs::File;
 use std::io;

@@ -149,43 +149,13 @@ impl Worker {
     }
 }
 
-/// fd 3 when tqproxy passed a listening socket (`LISTEN_FDS=1`, `LISTEN_PID` = our pid).
-#[allow(unsafe_code)]
+/// fd 3 when tqproxy passed a listening socket (see `listen.rs`); a passed but unusable fd 3
+/// is logged and ignored.
 pub fn inherited_listener() -> Option<std::net::TcpListener> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    use nix::sys::socket::{Backlog, getsockopt, listen, sockopt};
-    use std::os::fd::{FromRawFd, OwnedFd};
-    if std::env::var("LISTEN_FDS").ok()?.trim() != "1"
-        || std::env::var("LISTEN_PID").ok()?.trim() != std::process::id().to_string()
-    {
-        return None;
-    }
-    match std::fs::read_link("/proc/self/fd/3") {
-        Ok(t) if !t.to_string_lossy().starts_with("socket:") => {
-            log!("LISTEN_FDS=1 but fd 3 is {t:?}, not a socket");
-            return None;
-        }
-        // NotFound with /proc present: fd 3 is not open (without /proc we cannot tell).
-        Err(e)
-            if e.kind() == io::ErrorKind::NotFound
-                && std::path::Path::new("/proc/self/fd").is_dir() =>
-        {
-            log!("LISTEN_FDS=1 but fd 3 is not open");
-            return None;
-        }
-        _ => {}
-    }
-    // SAFETY: LISTEN_FDS=1 with LISTEN_PID equal to our pid means tqproxy handed this process
-    // fd 3 as its listening socket; nothing else in this process opened, owns or closes fd 3.
-    let fd = unsafe { OwnedFd::from_raw_fd(3) };
-    // Children (chaos's `/fork-bomb`) must not inherit the listening socket.
-    let _ = fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
-    if !getsockopt(&fd, sockopt::AcceptConn).unwrap_or(true) {
-        listen(&fd, Backlog::MAXCONN).ok()?;
-    }
-    let listener = std::net::TcpListener::from(fd);
-    listener.set_nonblocking(true).ok()?;
-    Some(listener)
+    crate::listen::inherited_listener().unwrap_or_else(|e| {
+        log!("{e}");
+        None
+    })
 }
 
 /// Serves on a current-thread runtime until SIGTERM/SIGINT, then exits the process.

@@ -29,6 +29,9 @@
 //! `HELLO_WS_DRAIN_MS` (delay before open WebSockets get their 1001 close on SIGTERM, default 0).
 #![deny(unsafe_code)]
 
+#[path = "../common/listen.rs"]
+mod listen;
+
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
@@ -197,7 +200,10 @@ fn main() {
         }
     };
     // Claim fd 3 before anything else (the runtime's epoll) can be given that number.
-    let inherited = inherited_listener();
+    let inherited = listen::inherited_listener().unwrap_or_else(|e| {
+        log!("{e}");
+        None
+    });
     let mut builder = if cfg.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -214,56 +220,6 @@ fn main() {
     };
     let code = runtime.block_on(run(Arc::new(App::new(cfg)), inherited));
     std::process::exit(code);
-}
-
-/// fd 3 when tqproxy passed a listening socket (`LISTEN_FDS=1`, `LISTEN_PID` = our pid).
-#[allow(unsafe_code)]
-fn inherited_listener() -> Option<std::net::TcpListener> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    if std::env::var("LISTEN_FDS").ok()?.trim() != "1" {
-        return None;
-    }
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.trim().parse().ok()?;
-    if pid != std::process::id() {
-        return None;
-    }
-    // Best effort check that fd 3 is open and a socket (/proc may be absent in a sandbox).
-    match std::fs::read_link("/proc/self/fd/3") {
-        Ok(target) if !target.to_string_lossy().starts_with("socket:") => {
-            log!("LISTEN_FDS=1 but fd 3 is {target:?}, not a socket");
-            return None;
-        }
-        Err(e)
-            if e.kind() == io::ErrorKind::NotFound
-                && std::path::Path::new("/proc/self/fd").is_dir() =>
-        {
-            log!("LISTEN_FDS=1 but fd 3 is not open");
-            return None;
-        }
-        _ => {}
-    }
-    // SAFETY: LISTEN_FDS=1 with LISTEN_PID equal to our pid means tqproxy handed this process
-    // fd 3 as its listening socket; nothing else in this process opened, owns or closes fd 3.
-    let fd = unsafe { OwnedFd::from_raw_fd(3) };
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    use nix::sys::socket::{Backlog, getsockopt, listen, sockopt};
-    // Children must not inherit the listening socket (it would keep the port after we exit).
-    if let Err(e) = fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
-        log!("fd 3: cannot set FD_CLOEXEC: {e}");
-    }
-    if !getsockopt(&fd, sockopt::AcceptConn).unwrap_or(true) {
-        let backlog = Backlog::new(1024).unwrap_or(Backlog::MAXCONN);
-        if let Err(e) = listen(&fd, backlog) {
-            log!("fd 3 is not listening and listen() failed: {e}");
-            return None;
-        }
-    }
-    let listener = std::net::TcpListener::from(fd);
-    if let Err(e) = listener.set_nonblocking(true) {
-        log!("fd 3: cannot make it non-blocking: {e}");
-        return None;
-    }
-    Some(listener)
 }
 
 fn open_listener(

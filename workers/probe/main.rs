@@ -18,6 +18,8 @@
 #[macro_use]
 #[path = "../common/http.rs"]
 mod http;
+#[path = "../common/listen.rs"]
+mod listen;
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
