@@ -722,16 +722,7 @@ impl Owner {
                         r.failures
                     ),
                 );
-                let tx = self.handle.tx.clone();
-                let worker_s = worker.to_string();
-                tokio::spawn(async move {
-                    tokio::time::sleep(backoff).await;
-                    let _ = tx.send(Msg::RestartDue {
-                        worker: worker_s,
-                        id,
-                        epoch,
-                    });
-                });
+                self.restart_after(worker, id, epoch, backoff);
                 self.count_restart(worker, cause);
                 if was_routed {
                     self.publish();
@@ -762,17 +753,19 @@ impl Owner {
             r.failures += 1;
             let backoff = r.config.restart.backoff_max;
             let epoch = r.epoch;
-            let tx = self.handle.tx.clone();
-            let worker_s = worker.to_string();
-            tokio::spawn(async move {
-                tokio::time::sleep(backoff).await;
-                let _ = tx.send(Msg::RestartDue {
-                    worker: worker_s,
-                    id,
-                    epoch,
-                });
-            });
+            self.restart_after(worker, id, epoch, backoff);
         }
+    }
+
+    /// Asks this task to restart the instance in place once `backoff` has passed (the message
+    /// is ignored if the instance has moved on to another epoch by then).
+    fn restart_after(&self, worker: &str, id: u64, epoch: u64, backoff: Duration) {
+        let tx = self.handle.tx.clone();
+        let worker = worker.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(backoff).await;
+            let _ = tx.send(Msg::RestartDue { worker, id, epoch });
+        });
     }
 
     fn count_restart(&mut self, worker: &str, cause: Cause) {
