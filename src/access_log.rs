@@ -22,8 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderValue, Version};
-use pingora::proxy::Session;
+use http::Version;
 use serde::Serialize;
 
 use crate::config::AccessLogFormat;
@@ -180,41 +179,13 @@ impl AccessLog {
         }
     }
 
-    pub fn log(
-        &self,
-        session: &Session,
-        status: u16,
-        elapsed: Duration,
-        worker: Option<&str>,
-        served_by: Option<(u64, u16)>,
-        request_id: Option<&HeaderValue>,
-    ) {
-        let req = session.req_header();
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-        let line = Line {
-            client,
-            method: req.method.as_str(),
-            target: req.uri.path_and_query().map_or("/", |p| p.as_str()),
-            version: version_str(req.version),
-            host: header("host"),
-            status,
-            bytes: session.body_bytes_sent(),
-            elapsed,
-            worker,
-            served_by,
-            referer: header("referer"),
-            user_agent: header("user-agent"),
-            request_id: request_id.and_then(|v| v.to_str().ok()),
-        };
+    /// Formats and appends the line of one finished request.
+    pub fn log(&self, rec: &Record<'_>) {
         SCRATCH.with_borrow_mut(|buf| {
             buf.clear();
             match self.format {
-                AccessLogFormat::Combined => line.combined(buf, SystemTime::now()),
-                AccessLogFormat::Json => line.json(buf, SystemTime::now()),
+                AccessLogFormat::Combined => rec.combined(buf, SystemTime::now()),
+                AccessLogFormat::Json => rec.json(buf, SystemTime::now()),
             }
             self.push(buf);
         });
@@ -290,25 +261,28 @@ fn write_loop(shared: &Shared, mut file: File, path: &Path) {
     }
 }
 
-/// The fields of one access log line, borrowed from the session.
+/// The fields of one access log line, borrowed from the request (both engines fill it).
 #[derive(Serialize)]
-struct Line<'a> {
+pub struct Record<'a> {
     #[serde(serialize_with = "ser_client")]
-    client: Option<IpAddr>,
-    method: &'a str,
-    target: &'a str,
-    version: &'static str,
-    host: Option<&'a str>,
-    status: u16,
-    bytes: usize,
+    pub client: Option<IpAddr>,
+    pub method: &'a str,
+    pub target: &'a str,
+    pub version: &'static str,
+    pub host: Option<&'a str>,
+    /// The status sent to the client (0: none was).
+    pub status: u16,
+    /// Response body bytes sent to the client.
+    pub bytes: u64,
     #[serde(rename = "duration_s", serialize_with = "ser_secs")]
-    elapsed: Duration,
-    worker: Option<&'a str>,
+    pub elapsed: Duration,
+    pub worker: Option<&'a str>,
+    /// The instance that answered: (id, port).
     #[serde(skip)]
-    served_by: Option<(u64, u16)>,
-    referer: Option<&'a str>,
-    user_agent: Option<&'a str>,
-    request_id: Option<&'a str>,
+    pub served_by: Option<(u64, u16)>,
+    pub referer: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+    pub request_id: Option<&'a str>,
 }
 
 fn ser_client<S: serde::Serializer>(c: &Option<IpAddr>, s: S) -> Result<S::Ok, S::Error> {
@@ -322,7 +296,7 @@ fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error>
     s.serialize_f64(d.as_secs_f64())
 }
 
-impl Line<'_> {
+impl Record<'_> {
     /// `client - - [time] "METHOD target VERSION" status bytes "referer" "user-agent"`
     /// followed by `rt=` seconds, `worker=`, `instance=id:port` and `rid=`.
     fn combined(&self, out: &mut Vec<u8>, now: SystemTime) {
@@ -374,7 +348,7 @@ impl Line<'_> {
         struct Json<'a> {
             time: String,
             #[serde(flatten)]
-            line: &'a Line<'a>,
+            line: &'a Record<'a>,
             instance: Option<u64>,
             port: Option<u16>,
         }
@@ -390,7 +364,8 @@ impl Line<'_> {
     }
 }
 
-fn version_str(v: Version) -> &'static str {
+/// The version as the access log writes it.
+pub fn version_str(v: Version) -> &'static str {
     match v {
         Version::HTTP_09 => "HTTP/0.9",
         Version::HTTP_10 => "HTTP/1.0",
@@ -421,8 +396,8 @@ mod tests {
     use super::*;
     use std::os::unix::fs::OpenOptionsExt;
 
-    fn sample() -> Line<'static> {
-        Line {
+    fn sample() -> Record<'static> {
+        Record {
             client: Some("192.0.2.7".parse().unwrap()),
             method: "GET",
             target: "/a?b=1",
@@ -450,7 +425,7 @@ mod tests {
              \"it \\\"quoted\\\"\" rt=0.001500 worker=hello instance=3:9001 rid=abc\n"
         );
         let mut out = Vec::new();
-        Line {
+        Record {
             client: None,
             worker: None,
             served_by: None,

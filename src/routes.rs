@@ -21,9 +21,15 @@ use crate::metrics::WorkerMetrics;
 #[derive(Debug)]
 pub struct Instance {
     pub worker: Arc<str>,
+    /// Unique in this process, never reused (ids and ports are reused across generations):
+    /// what the proxy's per-thread upstream pool files idle connections under.
+    pub key: u64,
     pub id: u64,
     pub generation: u64,
     pub addr: SocketAddr,
+    /// With `transport: unix`, the socket the instance accepts on (`addr` is then only its
+    /// identity in status and logs).
+    pub unix_path: Option<Arc<std::path::Path>>,
     /// Requests currently proxied to this instance (incremented before connecting,
     /// decremented when the request is logged). WebSockets count until they close.
     pub in_flight: AtomicU64,
@@ -38,11 +44,14 @@ pub struct Instance {
 
 impl Instance {
     pub fn new(worker: Arc<str>, id: u64, generation: u64, addr: SocketAddr) -> Instance {
+        static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
         Instance {
             worker,
+            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             id,
             generation,
             addr,
+            unix_path: None,
             in_flight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             routed: AtomicBool::new(false),
