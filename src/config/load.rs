@@ -238,7 +238,43 @@ impl Config {
                 .upstream_idle_timeout
                 .map_or(Duration::from_secs(30), |x| x.0),
             max_retries: raw.proxy.max_retries.unwrap_or(3).max(1),
+            client_header_timeout: raw
+                .proxy
+                .client_header_timeout
+                .map_or(Duration::from_secs(10), |x| x.0),
+            client_keepalive_timeout: raw
+                .proxy
+                .client_keepalive_timeout
+                .map_or(Duration::from_secs(60), |x| x.0),
+            client_body_timeout: raw
+                .proxy
+                .client_body_timeout
+                .map_or(Duration::from_secs(60), |x| x.0),
+            max_connections: raw.proxy.max_connections,
         };
+        for (key, value) in [
+            ("client_header_timeout", proxy.client_header_timeout),
+            ("client_keepalive_timeout", proxy.client_keepalive_timeout),
+            ("client_body_timeout", proxy.client_body_timeout),
+            ("upstream_idle_timeout", proxy.upstream_idle_timeout),
+        ] {
+            if value.is_zero() {
+                errors.push(ctx.err(
+                    &["proxy", key],
+                    None,
+                    format!("proxy.{key}"),
+                    "must be more than 0".into(),
+                ));
+            }
+        }
+        if proxy.max_connections == Some(0) {
+            errors.push(ctx.err(
+                &["proxy", "max_connections"],
+                None,
+                "proxy.max_connections",
+                "must be at least 1 (omit it for no limit)".into(),
+            ));
+        }
 
         let level = raw.log.level.clone().unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {

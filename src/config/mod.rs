@@ -190,6 +190,16 @@ pub struct ProxySettings {
     pub upstream_idle_timeout: Duration,
     /// Attempts per request, first included (default 3).
     pub max_retries: usize,
+    /// The whole request head must arrive within this (default 10s), else 408 and close.
+    pub client_header_timeout: Duration,
+    /// How long an idle client connection is kept between requests (default 60s).
+    pub client_keepalive_timeout: Duration,
+    /// Longest pause between two reads of a request body or two writes of a response to
+    /// the client (default 60s).
+    pub client_body_timeout: Duration,
+    /// Client connections served at once; beyond it requests get 503 and the connection is
+    /// closed (default: no limit).
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -161,6 +161,10 @@ pub(super) struct RawProxy {
     pub(super) upstream_keepalive_pool: Option<usize>,
     pub(super) upstream_idle_timeout: Option<HumanDuration>,
     pub(super) max_retries: Option<usize>,
+    pub(super) client_header_timeout: Option<HumanDuration>,
+    pub(super) client_keepalive_timeout: Option<HumanDuration>,
+    pub(super) client_body_timeout: Option<HumanDuration>,
+    pub(super) max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
