@@ -22,7 +22,9 @@ use std::collections::HashMap;
 
 use crate::config::{Config, ListenerKind, LogFormat};
 use crate::control::{self, ControlService};
-use crate::proxy::Proxy;
+use crate::proxy::h1::{Engine, Settings};
+use crate::proxy::h2::H2Proxy;
+use crate::proxy::policy::Policy;
 use crate::routes::RouteHandle;
 use crate::supervisor::Supervisor;
 use crate::tls::{CertStore, SniResolver};
@@ -314,25 +316,46 @@ pub fn run(config_path: &Path, opts: RunOptions) -> i32 {
         }
         Ok(lines)
     }));
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Proxy::new(routes, access_log, redirects),
-        "proxy",
-    );
-    if config.proxy.h2c
-        && let Some(app) = proxy.app_logic_mut()
-    {
+    // The request path: tqproxy's HTTP/1.1 engine on every listener; it hands HTTP/2
+    // connections (ALPN h2, or the h2c preface) to pingora's HTTP/2 server and `H2Proxy`.
+    let policy = Arc::new(Policy::new(
+        routes,
+        access_log,
+        redirects,
+        config.proxy.max_retries,
+    ));
+    let mut h2 = pingora::proxy::http_proxy(&server.configuration, H2Proxy::new(policy.clone()));
+    if config.proxy.h2c {
         let mut options = pingora::apps::HttpServerOptions::default();
         options.h2c = true;
-        app.server_options = Some(options);
+        h2.server_options = Some(options);
     }
+    let p = &config.proxy;
+    let engine = Engine::new(
+        policy,
+        Settings {
+            header_timeout: p.client_header_timeout,
+            keepalive_timeout: p.client_keepalive_timeout,
+            body_timeout: p.client_body_timeout,
+            max_connections: p.max_connections,
+            h2c: p.h2c,
+            pool_capacity: p.upstream_keepalive_pool,
+        },
+        Arc::new(h2),
+    );
+    let mut proxy = pingora::services::listening::Service::new("proxy".to_string(), engine);
     for l in &config.listeners {
         if !matches!(l.kind, ListenerKind::Tls { .. }) {
-            proxy.add_tcp(&l.addr.to_string());
+            // The engine buffers itself (and holds no buffer while a connection is idle):
+            // pingora's 64 KiB per-connection read buffer would be most of its memory.
+            proxy.add_listener(
+                pingora::listeners::ListenerConfig::tcp(l.addr.to_string())
+                    .l4_buffer(pingora::listeners::L4BufferSettings::unbuffered()),
+            );
         }
     }
     for (addr, settings) in tls_settings {
-        proxy.add_tls_with_settings(&addr.to_string(), None, settings);
+        proxy.add_listener(pingora::listeners::ListenerConfig::tcp(addr.to_string()).tls(settings));
     }
     let proxy_handle = server.add_service(proxy);
     proxy_handle.add_dependency(&listeners_after);

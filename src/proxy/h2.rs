@@ -1,14 +1,10 @@
-//! The request path: `impl ProxyHttp`. Knows routes and instances, nothing about processes.
-//!
-//! Per request: one atomic load of the route table, a host + longest-prefix match, a
-//! least-outstanding pick among routed instances (which reserves an in-flight slot), forwarding
-//! headers, and in `logging()` the release of the slot plus a few pre-resolved metric updates.
-//! The slow paths (no ready instance, retries) are kept out of the fast one.
+//! HTTP/2 from clients (ALPN `h2` on TLS listeners, h2c with `proxy.h2c`): still pingora's
+//! `ProxyHttp` state machine, each stream proxied to a worker over HTTP/1.1 by pingora's
+//! connector, with every decision taken by [`policy`](super::policy) like the HTTP/1.1 engine
+//! does. The HTTP/1.1 engine hands these connections here after ALPN or the h2c preface.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,72 +14,32 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
-use crate::access_log::AccessLog;
+use super::policy::{self, ErrorPage, Failure, Policy};
+use crate::access_log::{Record, version_str};
 use crate::metrics::{METRICS, UpstreamErrorKind};
-use crate::routes::{Backend, Instance, RouteHandle};
+use crate::routes::{Backend, Instance};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// Set when this process hands its listening sockets to a new tqproxy (`tqproxy upgrade`):
-/// from then on every response asks the client to reconnect (`Connection: close`), so keep-alive
-/// clients move to the new process instead of finding their connection closed under them.
-pub static CLOSE_CONNECTIONS: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-/// The proxy. Cheap to share: everything lives behind `Arc`s.
-pub struct Proxy {
-    routes: Arc<RouteHandle>,
-    access_log: Option<AccessLog>,
-    /// Listener port → https port, for listeners that only redirect to https.
-    redirects: HashMap<u16, u16>,
+/// The HTTP/2 proxy. Cheap to share: everything lives behind `Arc`s.
+pub struct H2Proxy {
+    policy: Arc<Policy>,
 }
 
-impl Proxy {
-    pub fn new(
-        routes: Arc<RouteHandle>,
-        access_log: Option<AccessLog>,
-        redirects: HashMap<u16, u16>,
-    ) -> Proxy {
-        Proxy {
-            routes,
-            access_log,
-            redirects,
-        }
+impl H2Proxy {
+    pub fn new(policy: Arc<Policy>) -> H2Proxy {
+        H2Proxy { policy }
     }
 
     /// The https port when the request came in on a redirect-only listener.
     fn redirect_port(&self, session: &Session) -> Option<u16> {
-        if self.redirects.is_empty() {
+        if !self.policy.has_redirects() {
             return None;
         }
         let local = session.server_addr()?.as_inet()?.port();
-        self.redirects.get(&local).copied()
+        self.policy.redirect_port(local)
     }
-}
-
-/// `https://host[:port]/path?query` for a request on a redirect-only listener.
-fn https_location(req: &RequestHeader, port: u16) -> Option<String> {
-    let host = request_host(req)?;
-    let bare = match host.rfind(':') {
-        Some(i) if !host.ends_with(']') && host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => {
-            &host[..i]
-        }
-        _ => host,
-    };
-    if bare.is_empty()
-        || bare
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'@')
-    {
-        return None;
-    }
-    let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    Some(if port == 443 {
-        format!("https://{bare}{pq}")
-    } else {
-        format!("https://{bare}:{port}{pq}")
-    })
 }
 
 /// Per-request state.
@@ -129,35 +85,13 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
     }
 }
 
-/// A request id: 16 hex digits, unique per process (a per-process random prefix plus a
-/// counter, mixed), generated without locks.
 fn new_request_id() -> HeaderValue {
-    use std::sync::LazyLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEED: LazyLock<u64> = LazyLock::new(|| {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        t ^ ((std::process::id() as u64) << 32)
-    });
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    // splitmix64 of seed + n: distinct for distinct n, looks random.
-    let mut z = SEED.wrapping_add(n.wrapping_mul(0x9E3779B97F4A7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-    z ^= z >> 31;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 16];
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((z >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+    HeaderValue::from_bytes(&policy::new_request_id()).expect("hex is a valid header value")
 }
 
 /// The X-Forwarded-For value: the client's address appended to what earlier proxies sent,
-/// formatted on the stack (this runs for every request).
-fn forwarded_for(prev: &[u8], ip: IpAddr) -> HeaderValue {
+/// formatted on the stack.
+fn forwarded_for(prev: &[u8], ip: std::net::IpAddr) -> HeaderValue {
     use std::io::Write;
     let mut buf = [0u8; 64];
     let mut cur = std::io::Cursor::new(&mut buf[..]);
@@ -172,25 +106,18 @@ fn forwarded_for(prev: &[u8], ip: IpAddr) -> HeaderValue {
     value.unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-fn valid_client_request_id(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
-    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
-}
-
-/// tqproxy's own error responses: short, plain text, naming tqproxy so nobody blames the app.
+/// Sends one of tqproxy's own answers.
 async fn respond(
     session: &mut Session,
-    status: u16,
-    message: &str,
-    retry_after: Option<u64>,
+    page: &ErrorPage,
     request_id: Option<&HeaderValue>,
 ) -> pingora::Result<()> {
-    let body = Bytes::from(format!("{status} {message} (tqproxy)\n"));
-    let mut resp = ResponseHeader::build(status, Some(4))?;
+    let body = Bytes::from(page.body());
+    let mut resp = ResponseHeader::build(page.status, Some(4))?;
     resp.insert_header("content-type", "text/plain; charset=utf-8")?;
     resp.insert_header("content-length", body.len().to_string())?;
     resp.insert_header("cache-control", "no-store")?;
-    if let Some(s) = retry_after {
+    if let Some(s) = page.retry_after {
         resp.insert_header("retry-after", s.to_string())?;
     }
     if let Some(id) = request_id {
@@ -224,62 +151,8 @@ fn classify(e: &Error) -> UpstreamErrorKind {
 const NO_INSTANCE: ErrorType = ErrorType::CustomCode("no ready instance", 503);
 const ROUTE_GONE: ErrorType = ErrorType::CustomCode("route removed", 503);
 
-impl Proxy {
-    /// Slow path of [`ProxyHttp::upstream_peer`]: wait (up to the worker's `queue_timeout`) for
-    /// a routed instance that has not failed this request yet.
-    async fn wait_for_instance(
-        &self,
-        session: &Session,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<Arc<Instance>> {
-        let queue_timeout = ctx
-            .backend
-            .as_ref()
-            .map_or(Duration::from_secs(5), |b| b.settings.queue_timeout);
-        let waited_from = Instant::now();
-        let deadline = tokio::time::Instant::now() + queue_timeout;
-        loop {
-            let changed = self.routes.changed();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            // Re-resolve against the current table: the worker's routed instances (or even
-            // its route) may have changed since the request arrived.
-            let table = self.routes.load();
-            let req = session.req_header();
-            let Some(route) = table.lookup(request_host(req), req.uri.path()) else {
-                return Err(Error::explain(ROUTE_GONE, "route removed while waiting"));
-            };
-            let backend = route.backend.clone();
-            drop(table);
-            if let Some(inst) = backend.pick(&ctx.tried) {
-                if !ctx.tried.is_empty() || waited_from.elapsed() > Duration::from_millis(1) {
-                    backend
-                        .shared
-                        .metrics
-                        .queue_wait
-                        .observe(waited_from.elapsed().as_secs_f64());
-                }
-                ctx.backend = Some(backend);
-                return Ok(inst);
-            }
-            // Every routed instance already failed this request: forget them once the table
-            // changes (a replacement may reuse nothing, but a recovered sibling is fine).
-            ctx.backend = Some(backend);
-            tokio::select! {
-                _ = &mut changed => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    if let Some(b) = &ctx.backend {
-                        b.shared.metrics.queue_wait.observe(waited_from.elapsed().as_secs_f64());
-                    }
-                    return Err(Error::explain(NO_INSTANCE, "no ready instance within queue_timeout"));
-                }
-            }
-        }
-    }
-}
-
 #[async_trait]
-impl ProxyHttp for Proxy {
+impl ProxyHttp for H2Proxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
@@ -302,47 +175,32 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         let req = session.req_header();
-        if let Some(port) = self.redirect_port(session) {
-            // ACME http-01 challenges stay on plain HTTP (a worker may serve them).
-            if !req.uri.path().starts_with("/.well-known/acme-challenge/") {
-                let Some(location) = https_location(req, port) else {
-                    respond(
-                        session,
-                        400,
-                        "Bad Request: no usable Host header to redirect to",
-                        None,
-                        None,
-                    )
-                    .await?;
-                    return Ok(true);
-                };
-                let status = if matches!(req.method, http::Method::GET | http::Method::HEAD) {
-                    301
-                } else {
-                    308
-                };
-                let mut resp = ResponseHeader::build(status, Some(3))?;
-                resp.insert_header("location", location)?;
-                resp.insert_header("content-length", "0")?;
-                resp.insert_header("cache-control", "max-age=3600")?;
-                session.write_response_header(Box::new(resp), true).await?;
+        if let Some(port) = self.redirect_port(session)
+            && !policy::is_acme_challenge(req.uri.path())
+        {
+            let get_or_head = matches!(req.method, http::Method::GET | http::Method::HEAD);
+            let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            let Some((status, location)) =
+                policy::redirect(get_or_head, request_host(req), pq, port)
+            else {
+                let page = ErrorPage::rejected(400, "no usable Host header to redirect to");
+                respond(session, &page, None).await?;
                 return Ok(true);
-            }
+            };
+            let mut resp = ResponseHeader::build(status, Some(3))?;
+            resp.insert_header("location", location)?;
+            resp.insert_header("content-length", "0")?;
+            resp.insert_header("cache-control", "max-age=3600")?;
+            session.write_response_header(Box::new(resp), true).await?;
+            return Ok(true);
         }
         let req = session.req_header();
-        let table = self.routes.load();
+        let table = self.policy.routes.load();
         let Some(route) = table.lookup(request_host(req), req.uri.path()) else {
             drop(table);
             METRICS.no_route.inc();
             let id = new_request_id();
-            respond(
-                session,
-                404,
-                "Not Found: no route for this host and path",
-                None,
-                Some(&id),
-            )
-            .await?;
+            respond(session, &ErrorPage::no_route(), Some(&id)).await?;
             return Ok(true);
         };
         if route.strip_prefix {
@@ -351,12 +209,10 @@ impl ProxyHttp for Proxy {
         }
         ctx.backend = Some(route.backend.clone());
         drop(table);
-
         // A valid id from the client travels on with its request; a new one is added to the
-        // upstream request in `upstream_request_filter` (not here: growing the downstream
-        // header map would only make pingora's clone of it for the upstream dearer).
+        // upstream request in `upstream_request_filter`.
         ctx.request_id = Some(match session.req_header().headers.get(&X_REQUEST_ID) {
-            Some(v) if valid_client_request_id(v) => v.clone(),
+            Some(v) if super::h1::parse::valid_request_id(v.as_bytes()) => v.clone(),
             _ => {
                 ctx.request_id_generated = true;
                 new_request_id()
@@ -378,14 +234,38 @@ impl ProxyHttp for Proxy {
         };
         let inst = match fast {
             Some(i) => i,
-            None => self.wait_for_instance(session, ctx).await?,
+            None => {
+                let req = session.req_header();
+                match self
+                    .policy
+                    .wait_for_instance(request_host(req), req.uri.path(), &ctx.tried)
+                    .await
+                {
+                    Ok((route, inst)) => {
+                        ctx.backend = Some(route.backend);
+                        inst
+                    }
+                    Err(policy::Unavailable::RouteGone) => {
+                        return Err(Error::explain(ROUTE_GONE, "route removed while waiting"));
+                    }
+                    Err(policy::Unavailable::NoInstance(_)) => {
+                        return Err(Error::explain(
+                            NO_INSTANCE,
+                            "no ready instance within queue_timeout",
+                        ));
+                    }
+                }
+            }
         };
         let settings = &ctx
             .backend
             .as_ref()
             .expect("backend set before upstream_peer")
             .settings;
-        let mut peer = HttpPeer::new(inst.addr, false, String::new());
+        let mut peer = match &inst.unix_path {
+            Some(path) => HttpPeer::new_uds(&path.to_string_lossy(), false, String::new())?,
+            None => HttpPeer::new(inst.addr, false, String::new()),
+        };
         peer.options.connection_timeout = Some(settings.connect_timeout);
         peer.options.total_connection_timeout = Some(settings.connect_timeout);
         peer.options.read_timeout = Some(settings.read_timeout);
@@ -422,12 +302,8 @@ impl ProxyHttp for Proxy {
         if let Some(ip) = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
+            .map(|a| policy::client_ip(a.ip()))
         {
-            let ip = match ip {
-                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-                v4 => v4,
-            };
             let value = match upstream_request.headers.get(&X_FORWARDED_FOR) {
                 Some(prev) => forwarded_for(prev.as_bytes(), ip),
                 None => forwarded_for(b"", ip),
@@ -459,7 +335,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         ctx.response_started = true;
-        if CLOSE_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed) {
+        if policy::closing() {
             session.set_keepalive(None);
         }
         if let Some(id) = &ctx.request_id {
@@ -477,10 +353,12 @@ impl ProxyHttp for Proxy {
     ) -> Box<Error> {
         // Nothing was sent: trying a sibling is safe for every method.
         ctx.fail_instance(classify(&e));
-        if let Some(b) = &ctx.backend {
-            b.shared.metrics.retries.inc();
+        if ctx.tried.len() < self.policy.max_attempts {
+            if let Some(b) = &ctx.backend {
+                b.shared.metrics.retries.inc();
+            }
+            e.set_retry(true);
         }
-        e.set_retry(true);
         e
     }
 
@@ -503,20 +381,16 @@ impl ProxyHttp for Proxy {
         ctx.fail_instance(kind);
         let mut e = e.more_context(format!("peer: {peer}"));
         let idempotent = session.req_header().method.is_idempotent();
-        let body_kept = !session.as_ref().retry_buffer_truncated();
-        // The instance died (or closed a pooled connection) before any response header: an
-        // idempotent request is retried on a sibling. Timeouts are not retried (the request
-        // may be running), nor is anything once the response started.
-        let connection_lost = matches!(kind, UpstreamErrorKind::Closed | UpstreamErrorKind::Reset);
-        if ctx.response_started || !body_kept {
-            e.set_retry(false);
-        } else if idempotent && connection_lost {
-            e.set_retry(true);
-        } else if idempotent {
-            e.retry.decide_reuse(client_reused);
-        } else {
-            e.set_retry(false);
-        }
+        let replayable = !session.as_ref().retry_buffer_truncated() && !ctx.response_started;
+        // The instance died (or closed a pooled connection) before any response header.
+        let failure = match kind {
+            UpstreamErrorKind::Closed | UpstreamErrorKind::Reset => Failure::DiedBeforeResponse,
+            UpstreamErrorKind::Timeout => Failure::Timeout,
+            _ => Failure::BadResponse,
+        };
+        let retry = policy::retryable(failure, idempotent, replayable)
+            || (client_reused && policy::retryable(Failure::Refused, idempotent, replayable));
+        e.set_retry(retry);
         if e.retry()
             && let Some(b) = &ctx.backend
         {
@@ -533,58 +407,31 @@ impl ProxyHttp for Proxy {
     ) -> FailToProxy {
         let worker = ctx.backend.as_ref().map(|b| b.worker.clone());
         let w = worker.as_deref().unwrap_or("?");
-        let (code, message, retry_after) = match e.etype() {
-            ErrorType::CustomCode(_, 503) => (
-                503,
-                format!("Service Unavailable: no ready instance of worker `{w}`"),
-                Some(1),
-            ),
-            ErrorType::HTTPStatus(code) => (*code, String::from("request rejected"), None),
+        let page = match e.etype() {
+            ErrorType::CustomCode(_, 503) => Some(ErrorPage::no_instance(w)),
+            ErrorType::HTTPStatus(code) => Some(ErrorPage::rejected(*code, "request rejected")),
             _ => match e.esource() {
-                ErrorSource::Upstream => match classify(e) {
-                    UpstreamErrorKind::Timeout => (
-                        504,
-                        format!("Gateway Timeout: worker `{w}` did not answer in time"),
-                        None,
-                    ),
-                    _ => (
-                        502,
-                        format!("Bad Gateway: worker `{w}` failed to answer"),
-                        None,
-                    ),
-                },
+                ErrorSource::Upstream => Some(match classify(e) {
+                    UpstreamErrorKind::Timeout => Failure::Timeout.page(w),
+                    _ => Failure::BadResponse.page(w),
+                }),
                 ErrorSource::Downstream => match e.etype() {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
-                        (0, String::new(), None)
+                        None
                     }
-                    _ => (400, String::from("Bad Request"), None),
+                    _ => Some(ErrorPage::rejected(400, "malformed request")),
                 },
                 ErrorSource::Internal | ErrorSource::Unset => {
-                    (500, String::from("Internal Server Error"), None)
+                    Some(ErrorPage::new(500, "Internal Server Error".into(), None))
                 }
             },
         };
-        if code > 0 && !ctx.response_started {
-            let message = if matches!(e.etype(), ErrorType::HTTPStatus(_)) {
-                http::StatusCode::from_u16(code)
-                    .ok()
-                    .and_then(|s| s.canonical_reason())
-                    .unwrap_or("Error")
-                    .to_string()
-            } else {
-                message
-            };
-            if let Err(err) = respond(
-                session,
-                code,
-                &message,
-                retry_after,
-                ctx.request_id.as_ref(),
-            )
-            .await
-            {
-                tracing::debug!(error = %err, "could not send error response");
-            }
+        let code = page.as_ref().map_or(0, |p| p.status);
+        if let Some(page) = page
+            && !ctx.response_started
+            && let Err(err) = respond(session, &page, ctx.request_id.as_ref()).await
+        {
+            tracing::debug!(error = %err, "could not send error response");
         }
         FailToProxy {
             error_code: code,
@@ -601,22 +448,27 @@ impl ProxyHttp for Proxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.release_instance(e.is_none());
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let elapsed = ctx.started.elapsed();
-        if let Some(b) = &ctx.backend
-            && status > 0
-        {
-            b.shared.metrics.record(status, elapsed.as_secs_f64());
-        }
-        if let Some(log) = &self.access_log {
-            log.log(
-                session,
-                status,
-                elapsed,
-                ctx.backend.as_ref().map(|b| &*b.worker),
-                ctx.served_by,
-                ctx.request_id.as_ref(),
-            );
-        }
+        let req = session.req_header();
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let rec = Record {
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| policy::client_ip(a.ip())),
+            method: req.method.as_str(),
+            target: req.uri.path_and_query().map_or("/", |p| p.as_str()),
+            version: version_str(req.version),
+            host: request_host(req),
+            status,
+            bytes: session.body_bytes_sent() as u64,
+            elapsed: ctx.started.elapsed(),
+            worker: ctx.backend.as_ref().map(|b| &*b.worker),
+            served_by: ctx.served_by,
+            referer: header("referer"),
+            user_agent: header("user-agent"),
+            request_id: ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
+        };
+        self.policy.record(ctx.backend.as_deref(), &rec);
     }
 }
 
@@ -625,38 +477,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_ids_are_unique_hex() {
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..10_000 {
-            let id = new_request_id();
-            assert_eq!(id.len(), 16);
-            assert!(id.as_bytes().iter().all(|b| b.is_ascii_hexdigit()));
-            assert!(seen.insert(id));
-        }
-    }
-
-    #[test]
     fn forwarded_for_appends_the_client() {
-        let v4: IpAddr = "192.0.2.1".parse().unwrap();
-        let v6: IpAddr = "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap();
+        let v4: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let v6: std::net::IpAddr = "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap();
         assert_eq!(forwarded_for(b"", v4), "192.0.2.1");
         assert_eq!(forwarded_for(b"10.0.0.1", v4), "10.0.0.1, 192.0.2.1");
         assert_eq!(
             forwarded_for(b"", v6),
             "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"
         );
-    }
-
-    #[test]
-    fn client_request_ids_are_checked() {
-        assert!(valid_client_request_id(&HeaderValue::from_static(
-            "abc-123"
-        )));
-        assert!(!valid_client_request_id(&HeaderValue::from_static("")));
-        assert!(!valid_client_request_id(&HeaderValue::from_static("a b")));
-        let long = "x".repeat(200);
-        assert!(!valid_client_request_id(
-            &HeaderValue::from_str(&long).unwrap()
-        ));
     }
 }
