@@ -19,6 +19,7 @@ pub const TQPROXY: &str = env!("CARGO_BIN_EXE_tqproxy");
 pub const HELLO: &str = env!("CARGO_BIN_EXE_hello");
 pub const CHAOS: &str = env!("CARGO_BIN_EXE_chaos");
 pub const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+pub const RAWECHO: &str = env!("CARGO_BIN_EXE_rawecho");
 
 /// The repository root (for the shipped configs and workers).
 pub fn repo() -> PathBuf {
@@ -97,6 +98,25 @@ impl WorkerDef {
         }
         yaml.push_str(extra);
         WorkerDef::new(name, &yaml)
+    }
+
+    /// The `rawecho` worker (answers with the raw bytes of each request), one instance, without
+    /// a health path: tqproxy only checks that its port accepts, so no health request ever
+    /// reaches it (or its `RAWECHO_LOG`, which `extra` sets with `env:`).
+    pub fn rawecho(name: &str, routes: &str, extra: &str) -> WorkerDef {
+        WorkerDef::with_defaults(
+            name,
+            &format!("command: [\"{RAWECHO}\"]\nroutes: {routes}\ninstances: 1\n"),
+            &[
+                (
+                    "health",
+                    "{ interval: 200ms, timeout: 500ms, unhealthy_after: 3 }",
+                ),
+                ("stop_timeout", "2s"),
+                ("drain_timeout", "2s"),
+            ],
+            extra,
+        )
     }
 
     pub fn chaos(name: &str, routes: &str, instances: u32, extra: &str) -> WorkerDef {

@@ -2,6 +2,7 @@
 //! worker processes, sockets and cgroups.
 
 mod config;
+mod conformance;
 mod core;
 mod edge;
 mod harness;
