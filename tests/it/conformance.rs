@@ -55,7 +55,8 @@ const ROUTES: &str = "[\"/\", { route: \"/p\", strip_prefix: true }]";
 ///
 /// A case writes `lines` (the request line and the kept client headers, each ending in CRLF)
 /// out in full; this adds the lines tqproxy appends. `X-Forwarded-Host` is the value of the
-/// Host line in `lines` (or of the added Host).
+/// Host line in `lines`: the host the client asked for (none for an HTTP/1.0 request without
+/// Host, whose added Host only satisfies the worker's HTTP/1.1).
 struct Up {
     lines: Vec<u8>,
     chunked: bool,
@@ -108,7 +109,7 @@ impl Up {
 
     fn with_body(self, body: &[u8]) -> Vec<u8> {
         let mut out = self.lines.clone();
-        let xfh = self.host.clone().or_else(|| host_line(&self.lines));
+        let xfh = host_line(&self.lines);
         if self.chunked {
             out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
         }
@@ -1874,10 +1875,29 @@ impl Suite<'_> {
                 case.answers.len()
             ));
         }
+        // An echo is the request the worker saw with the answer's X-Request-Id (answers that
+        // are not echoes, such as a canned reply or a 502, may come before it); without an id,
+        // the next request in order.
         let mut echoes = records.iter().filter(|r| r.kind == "req");
         for (i, (a, r)) in case.answers.iter().zip(&got).enumerate() {
             let echo = if matches!(a.body, BodyCheck::Echo) {
-                echoes.next()
+                let id = a.headers.iter().find_map(|(name, h)| match h {
+                    Hdr::Is(v) if name == "x-request-id" => Some(v.clone()),
+                    _ => None,
+                });
+                match id {
+                    Some(id) => {
+                        let needle = format!("\r\nX-Request-Id: {id}\r\n");
+                        records.iter().find(|rec| {
+                            rec.kind == "req"
+                                && rec
+                                    .bytes
+                                    .windows(needle.len())
+                                    .any(|w| w == needle.as_bytes())
+                        })
+                    }
+                    None => echoes.next(),
+                }
             } else {
                 None
             };

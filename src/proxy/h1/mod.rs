@@ -747,9 +747,9 @@ impl<'e> Conn<'e> {
                         fresh = false;
                         continue;
                     }
+                    // The connection stays usable when the whole request was read.
                     let page = failure.page(&backend.worker);
-                    let close = !replayable;
-                    return self.answer(ex, &page, close).await;
+                    return self.answer(ex, &page, false).await;
                 }
             }
         }
