@@ -780,6 +780,13 @@ fn valid_cases(listen: &str) -> Vec<Case> {
             "POST /p/up HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nX-Request-Id: v54\r\n\r\n2\r\nok\r\n0\r\n\r\n",
             up("POST /up HTTP/1.1\r\nHost: a.test\r\nX-Request-Id: v54\r\n").chunked().with_body(b"2\r\nok\r\n0\r\n\r\n"),
         ),
+        // Connection options never remove the fields that frame or route a request: dropping
+        // Content-Length would make the worker read the body as a second request.
+        fwd(
+            "v55 Connection naming Content-Length, Transfer-Encoding and Host drops none of them",
+            "POST /cl HTTP/1.1\r\nHost: a.test\r\nConnection: Content-Length, Host, Transfer-Encoding, X-Gone\r\nX-Gone: 1\r\nContent-Length: 24\r\nX-Request-Id: v55\r\n\r\nGET /smuggled HTTP/1.1\r\n",
+            up("POST /cl HTTP/1.1\r\nHost: a.test\r\nContent-Length: 24\r\nX-Request-Id: v55\r\n").with_body(b"GET /smuggled HTTP/1.1\r\n"),
+        ),
     ]
 }
 

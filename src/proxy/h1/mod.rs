@@ -608,10 +608,13 @@ impl<'e> Conn<'e> {
         };
         exchange.backend = Some(route.backend.clone());
         // The target upstream: the prefix stripped where the route says so.
-        let pq = req.path_query.get(all);
-        let pq: &[u8] = if pq.is_empty() { b"/" } else { pq };
-        let mut target: [&[u8]; 2] = [b"", pq];
-        if route.strip_prefix && &*route.prefix != "/" && pq.len() >= route.prefix.len() {
+        let (slash, pq) = req.origin_form(all);
+        let mut target: [&[u8]; 2] = [slash, pq];
+        if slash.is_empty()
+            && route.strip_prefix
+            && &*route.prefix != "/"
+            && pq.len() >= route.prefix.len()
+        {
             let rest = &pq[route.prefix.len()..];
             target = if rest.is_empty() || rest[0] == b'?' {
                 [b"/", rest]

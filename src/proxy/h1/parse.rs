@@ -276,6 +276,17 @@ pub fn valid_request_id(v: &[u8]) -> bool {
     !v.is_empty() && v.len() <= 128 && v.iter().all(|c| c.is_ascii_graphic())
 }
 
+/// Whether a field named as a `Connection` option may be dropped: never the ones that frame a
+/// message or route it (RFC 9110 section 7.6.1 forbids naming them; a proxy that obeyed would
+/// let a client change the framing the worker sees).
+fn may_be_dropped(option: &[u8]) -> bool {
+    let name = std::str::from_utf8(option).unwrap_or("");
+    !matches!(
+        field(name),
+        Field::Host | Field::ContentLength | Field::TransferEncoding
+    )
+}
+
 /// Up to this many `Connection` options are honoured (each names a field to drop).
 const MAX_CONNECTION_OPTIONS: usize = 8;
 
@@ -314,6 +325,16 @@ impl Request {
     /// The host the request is for: the absolute-form authority, else Host.
     pub fn host_span(&self) -> Option<Span> {
         self.authority.or(self.host)
+    }
+
+    /// The target in origin form, as (a prefix, the rest): `/` goes in front of an
+    /// absolute-form target's empty path (`http://h` → `/`, `http://h?q` → `/?q`).
+    pub fn origin_form<'a>(&self, buf: &'a [u8]) -> (&'static [u8], &'a [u8]) {
+        let pq = self.path_query.get(buf);
+        match pq.first() {
+            Some(b'/') | Some(b'*') => (b"", pq),
+            _ => (b"/", pq),
+        }
     }
 
     /// The path without the query, for routing.
@@ -583,6 +604,9 @@ pub fn parse_request<'h, 'b>(
                         keep_alive = true;
                     } else if option.eq_ignore_ascii_case(b"upgrade") {
                         upgrade_option = true;
+                    } else if !may_be_dropped(option) {
+                        // `Connection: Content-Length` must not make tqproxy drop the field
+                        // that frames the body (the worker would read the body as a request).
                     } else {
                         let n = out.n_connection_options as usize;
                         if n == MAX_CONNECTION_OPTIONS {
@@ -672,6 +696,7 @@ pub fn write_request(
     out.extend_from_slice(edits.target);
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let authority = req.authority.map(|a| a.get(buf));
+    let mut wrote_host = false;
     for h in headers {
         let keep = match field(h.name) {
             Field::Connection
@@ -685,6 +710,7 @@ pub fn write_request(
             Field::Upgrade => req.upgrade,
             Field::XRequestId => edits.new_request_id.is_none(),
             Field::Host => {
+                wrote_host = true;
                 if let Some(a) = authority {
                     out.extend_from_slice(h.name.as_bytes());
                     out.extend_from_slice(b": ");
@@ -708,10 +734,15 @@ pub fn write_request(
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
     let host = req.host_span().map(|s| s.get(buf));
-    if host.is_none() && !edits.default_host.is_empty() {
-        out.extend_from_slice(b"Host: ");
-        out.extend_from_slice(edits.default_host);
-        out.extend_from_slice(b"\r\n");
+    // The upstream speaks HTTP/1.1: an HTTP/1.0 request without Host gets one (its
+    // absolute-form authority, else the listener's address).
+    if !wrote_host {
+        let h = authority.unwrap_or(edits.default_host);
+        if !h.is_empty() {
+            out.extend_from_slice(b"Host: ");
+            out.extend_from_slice(h);
+            out.extend_from_slice(b"\r\n");
+        }
     }
     if let Some(ip) = edits.client_ip {
         out.extend_from_slice(b"X-Forwarded-For: ");
@@ -836,6 +867,7 @@ pub fn parse_response<'h, 'b>(
                         out.reusable |= version == 0;
                     } else if !option.is_empty()
                         && !option.eq_ignore_ascii_case(b"upgrade")
+                        && may_be_dropped(option)
                         && (out.n_connection_options as usize) < MAX_CONNECTION_OPTIONS
                     {
                         out.connection_options[out.n_connection_options as usize] =
@@ -1087,6 +1119,31 @@ mod tests {
     }
 
     #[test]
+    fn connection_options_never_drop_framing_or_host() {
+        // Found by fuzz/run (request_head): `Connection: Host` dropped Host upstream.
+        let raw = b"POST / HTTP/1.1\r\nHost: h\r\nConnection: Host, Content-Length, Transfer-Encoding, X-A\r\nX-A: 1\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(
+            forwarded(raw, b"/"),
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: h\r\n\r\n"
+        );
+        let resp = b"HTTP/1.1 200 OK\r\nConnection: Content-Length, Transfer-Encoding\r\nContent-Length: 2\r\n\r\nok";
+        let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+        let (r, headers) = parse_response(resp, &mut slots, false).unwrap().unwrap();
+        let mut out = Vec::new();
+        let edits = ResponseEdits {
+            request_id: b"i",
+            close: false,
+            keep_alive_http10: false,
+            dechunk: false,
+        };
+        write_response(&mut out, resp, &r, headers, &edits);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Request-Id: i\r\n\r\n"
+        );
+    }
+
+    #[test]
     fn the_forwarded_head_has_only_tqproxys_edits() {
         let raw = b"GET /api/x?q HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\nX-Request-Id: abc\r\nAccept: */*\r\n\r\n";
         assert_eq!(
@@ -1098,10 +1155,22 @@ mod tests {
             forwarded(chunked, b"/"),
             "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: h\r\n\r\n"
         );
+        let r = parse(b"GET http://h?q=1 HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        assert_eq!(
+            r.origin_form(b"GET http://h?q=1 HTTP/1.1\r\nHost: h\r\n\r\n"),
+            (&b"/"[..], &b"?q=1"[..]),
+            "found by fuzz/run (request_head)"
+        );
         let absolute = b"GET http://a.test:81/x HTTP/1.1\r\nHost: other\r\n\r\n";
         assert_eq!(
             forwarded(absolute, b"/x"),
             "GET /x HTTP/1.1\r\nHost: a.test:81\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: a.test:81\r\n\r\n"
+        );
+        let http10_absolute = b"GET http://h.test:81/x HTTP/1.0\r\n\r\n";
+        assert_eq!(
+            forwarded(http10_absolute, b"/x"),
+            "GET /x HTTP/1.1\r\nHost: h.test:81\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: h.test:81\r\n\r\n",
+            "found by fuzz/run (request_head)"
         );
         let http10 = b"GET / HTTP/1.0\r\n\r\n";
         assert_eq!(
