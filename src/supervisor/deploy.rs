@@ -651,6 +651,21 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
             message: "control.socket/control.admin changed: takes effect after `tqproxy upgrade` or a restart".into(),
         });
     }
+    // The request path reads its settings once (upstream_idle_timeout goes into each route
+    // table, so it applies now).
+    let proxy_now = crate::config::ProxySettings {
+        upstream_idle_timeout: current.proxy.upstream_idle_timeout,
+        ..loaded.proxy.clone()
+    };
+    if proxy_now != current.proxy {
+        lines.push(OutcomeLine {
+            worker: "-".into(),
+            ok: false,
+            message:
+                "proxy settings changed: they take effect after `tqproxy upgrade` or a restart"
+                    .into(),
+        });
+    }
     if loaded.log.access_log != current.log.access_log
         || loaded.log.access_format != current.log.access_format
     {

@@ -212,6 +212,22 @@ fn global_errors_name_file_line_and_key() {
             "listen: [\"127.0.0.1:18080\"]\nproxy: { threads: 0 }\n",
             "proxy.threads: must be between 1 and 256",
         ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\nproxy:\n  client_header_timeout: 0s\n",
+            "conf/tqproxy.yaml:3: proxy.client_header_timeout: must be more than 0",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\nproxy:\n  threads: 1\n  client_body_timeout: soon\n",
+            "conf/tqproxy.yaml:4: proxy.client_body_timeout: invalid duration `soon`",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\nproxy:\n  max_connections: 0\n",
+            "conf/tqproxy.yaml:3: proxy.max_connections: must be at least 1",
+        ),
+        (
+            "listen: [\"127.0.0.1:18080\"]\nproxy:\n  client_keepalive: 5s\n",
+            "conf/tqproxy.yaml:3: proxy.client_keepalive: unknown field `client_keepalive`",
+        ),
     ];
     let mut failures = Vec::new();
     for (yaml, expected) in cases {

@@ -2,7 +2,7 @@
 //! crash and hang recovery, crash-loop backoff, scaling, and no process outliving tqproxy.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
@@ -461,4 +461,118 @@ fn hostile_clients_and_control_messages_change_nothing() {
     let after: BTreeSet<u32> = env.instances("w").iter().filter_map(|i| i.pid).collect();
     assert_eq!(before, after, "the same instances serve");
     assert!(env.exited().is_none(), "tqproxy is still running");
+}
+
+/// The client deadlines and the connection limit: a head that trickles in gets 408 and is
+/// closed at `client_header_timeout` (slowloris), an idle keep-alive connection is closed at
+/// `client_keepalive_timeout`, and beyond `max_connections` a request gets 503 and its
+/// connection is closed — while an ordinary client is served throughout.
+#[test]
+fn client_deadlines_and_the_connection_limit() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 1, "")]);
+    let conf = std::fs::read_to_string(env.conf()).unwrap().replace(
+        "proxy: { threads: 1 }",
+        "proxy: { threads: 1, client_header_timeout: 1s, client_keepalive_timeout: 1s, max_connections: 4 }",
+    );
+    std::fs::write(env.conf(), conf).unwrap();
+    env.start();
+    assert_eq!(env.get("/").status, 200);
+
+    // Everything a connection receives until the server closes it (bounded by a deadline).
+    let until_closed = |s: &mut TcpStream, feed: &mut dyn FnMut(&mut TcpStream) -> bool| {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            assert!(Instant::now() < deadline, "never closed; got {got:?}");
+            match s.read(&mut buf) {
+                Ok(0) => return String::from_utf8_lossy(&got).into_owned(),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    if !feed(s) {
+                        continue;
+                    }
+                }
+                Err(_) => return String::from_utf8_lossy(&got).into_owned(),
+            }
+        }
+    };
+
+    // Slowloris: a head that never ends, one more header line at a time.
+    let mut slow = TcpStream::connect(env.listen).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut n = 0;
+    let got = until_closed(&mut slow, &mut |s| {
+        n += 1;
+        // The ordinary client is not held up meanwhile.
+        assert_eq!(env.get("/").status, 200);
+        s.write_all(format!("X-Slow-{n}: y\r\n").as_bytes()).is_ok()
+    });
+    assert!(got.starts_with("HTTP/1.1 408 "), "{got:?}");
+    assert!(got.contains("Connection: close\r\n"), "{got:?}");
+    assert!(
+        n >= 2,
+        "the head kept trickling in before the deadline ({n} lines)"
+    );
+    drop(slow);
+
+    // A keep-alive connection that goes quiet after a request is closed, without a word.
+    let mut idle = TcpStream::connect(env.listen).unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = until_closed(&mut idle, &mut |_| false);
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got:?}");
+    assert_eq!(
+        got.matches("HTTP/1.1").count(),
+        1,
+        "one answer, then the close: {got:?}"
+    );
+    drop(idle);
+
+    // The connection limit: 4 are served at once (as soon as tqproxy's side of the closed
+    // ones is gone); a 5th gets 503 and is closed.
+    let mut held = wait_for(
+        "4 connections served at once",
+        Duration::from_secs(10),
+        || {
+            let mut held = Vec::new();
+            for _ in 0..4 {
+                let mut s = TcpStream::connect(env.listen).ok()?;
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+                let mut head = [0u8; 12];
+                s.read_exact(&mut head).ok()?;
+                if &head != b"HTTP/1.1 200" {
+                    return None;
+                }
+                held.push(s);
+            }
+            Some(held)
+        },
+    );
+    let mut fifth = TcpStream::connect(env.listen).unwrap();
+    fifth
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = until_closed(&mut fifth, &mut |_| false);
+    assert!(got.starts_with("HTTP/1.1 503 "), "{got:?}");
+    assert!(
+        got.contains("Retry-After: 1\r\n") && got.contains("Connection: close\r\n"),
+        "{got:?}"
+    );
+    // Once one of the four goes, a new connection is served again.
+    drop(held.pop());
+    wait_for(
+        "a connection under the limit to be served",
+        Duration::from_secs(10),
+        || (env.get("/").status == 200).then_some(()),
+    );
+    drop(held);
 }
