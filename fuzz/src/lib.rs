@@ -25,7 +25,7 @@ use parse::{Framing, MAX_HEADERS, Parsed, RequestEdits, ResponseEdits};
 const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "te"];
 
 pub fn request_head(data: &[u8]) {
-    let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+    let mut slots = parse::slots();
     let (req, headers) = match parse::parse_request(data, 0, &mut slots) {
         Err(r) => {
             assert!(
@@ -55,7 +55,7 @@ pub fn request_head(data: &[u8]) {
         &RequestEdits {
             target_prefix: slash,
             target: rest,
-            client_ip: Some("192.0.2.1".parse().expect("ip")),
+            client_ip: Some(b"192.0.2.1"),
             https: false,
             new_request_id: req.request_id.is_none().then_some(&b"0123456789abcdef"[..]),
             default_host: b"127.0.0.1:8080",
@@ -124,7 +124,7 @@ pub fn request_head(data: &[u8]) {
     // And our own parser agrees with itself on the forwarded head (it is what a second
     // tqproxy in front of the worker would see).
     if fwd.len() <= MAX_HEADERS {
-        let mut slots3 = [EMPTY_HEADER; MAX_HEADERS];
+        let mut slots3 = parse::slots();
         match parse::parse_request(&out, 0, &mut slots3) {
             Ok(Parsed::Complete(r2, _)) => assert_eq!(r2.framing, req.framing),
             Ok(Parsed::Partial) => panic!("the forwarded head is incomplete"),
@@ -135,7 +135,7 @@ pub fn request_head(data: &[u8]) {
 
 pub fn response_head(data: &[u8]) {
     for head_request in [false, true] {
-        let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+        let mut slots = parse::slots();
         let Ok(Some((resp, headers))) = parse::parse_response(data, &mut slots, head_request)
         else {
             continue;
@@ -165,7 +165,7 @@ pub fn response_head(data: &[u8]) {
         }
         assert_eq!(again.code, Some(resp.status));
         if again.headers.len() <= MAX_HEADERS {
-            let mut slots3 = [EMPTY_HEADER; MAX_HEADERS];
+            let mut slots3 = parse::slots();
             let r2 = parse::parse_response(&out, &mut slots3, head_request)
                 .expect("the relayed head is valid")
                 .expect("and complete");

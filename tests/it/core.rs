@@ -334,8 +334,7 @@ fn hostile_clients_and_control_messages_change_nothing() {
     load.wait_progress(100);
 
     // Raw HTTP: the first status line tqproxy answers with, or "" when it just closes. A
-    // truncated request is followed by a half-close (the client is done sending); a complete
-    // one is not (pingora takes a half-closed client as gone and does not answer it).
+    // truncated request is followed by a half-close (the client is done sending).
     let raw = |bytes: &[u8], half_close: bool| -> String {
         let mut s = TcpStream::connect(env.listen).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -379,6 +378,13 @@ fn hostile_clients_and_control_messages_change_nothing() {
             "HTTP/1.1 400",
         ),
         ("truncated request line", b"GET /".to_vec(), true, ""),
+        // A complete request, then the client shuts its sending side: still answered.
+        (
+            "complete request, then half-close",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            true,
+            "HTTP/1.1 200",
+        ),
         (
             "body cut short",
             b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc".to_vec(),

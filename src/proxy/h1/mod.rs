@@ -33,7 +33,6 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use httparse::EMPTY_HEADER;
 use pingora::apps::ServerApp;
 use pingora::protocols::{ALPN, Stream};
 use pingora::proxy::HttpProxy;
@@ -43,7 +42,7 @@ use tokio::time::{Instant, Sleep};
 
 use self::body::Chunked;
 use self::buf::{Buf, CLIENT, Scratch, UPSTREAM};
-use self::parse::{Framing, MAX_HEADERS, Method, Parsed, Reject, Request};
+use self::parse::{Framing, Method, Parsed, Reject, Request};
 use self::pool::Upstream;
 use super::h2::H2Proxy;
 use super::policy::{self, ErrorPage, Failure, Policy};
@@ -266,6 +265,8 @@ struct Conn<'e> {
     shutdown: ShutdownWatch,
     timer: Pin<Box<Sleep>>,
     client_ip: Option<IpAddr>,
+    /// `client_ip` as X-Forwarded-For writes it.
+    client_ip_text: ClientText,
     https: bool,
     /// The https port, on a redirect-only listener.
     redirect_to: Option<u16>,
@@ -300,6 +301,7 @@ impl<'e> Conn<'e> {
             engine,
             io,
             shutdown,
+            client_ip_text: ClientText::new(client_ip),
             timer: Box::pin(tokio::time::sleep_until(
                 opened + engine.settings.header_timeout,
             )),
@@ -549,7 +551,7 @@ impl<'e> Conn<'e> {
             });
         };
         let all = buf.filled();
-        let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+        let mut slots = parse::slots();
         let (req, headers) = match parse::parse_request(all, 0, &mut slots) {
             Ok(Parsed::Complete(r, h)) => (r, h),
             Ok(Parsed::Partial) => {
@@ -643,7 +645,7 @@ impl<'e> Conn<'e> {
             &parse::RequestEdits {
                 target_prefix: target[0],
                 target: target[1],
-                client_ip: self.client_ip,
+                client_ip: self.client_ip_text.get(),
                 https: self.https,
                 new_request_id: exchange.new_id.as_ref().map(|i| &i[..]),
                 default_host: default_host.as_bytes(),
@@ -1118,7 +1120,7 @@ impl<'e> Conn<'e> {
         loop {
             let mut out = Scratch::take();
             let parsed = {
-                let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+                let mut slots = parse::slots();
                 match parse::parse_response(upbuf.filled(), &mut slots, false) {
                     Ok(Some((r, headers))) if r.interim() && r.status != 101 => {
                         parse::write_response(
@@ -1194,7 +1196,7 @@ impl<'e> Conn<'e> {
         // The response head (interim responses forwarded and skipped).
         let (resp, framing) = loop {
             let decided = {
-                let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+                let mut slots = parse::slots();
                 match parse::parse_response(upbuf.filled(), &mut slots, head_request) {
                     Ok(None) => None,
                     Err(why) => {
@@ -1288,7 +1290,9 @@ impl<'e> Conn<'e> {
         e.status = resp.status;
         upbuf.consume(resp.head_len);
         if resp.status == 101 {
-            return self.tunnel(e, up, upbuf, scratch, read_timeout).await;
+            // Boxed: the tunnel's state would otherwise be part of every connection's future
+            // (368 bytes each, idle or not), for the few that upgrade.
+            return Box::pin(self.tunnel(e, up, upbuf, scratch, read_timeout)).await;
         }
         let body_timeout = self.settings().body_timeout;
         let Conn { io, timer, .. } = self;
@@ -1507,6 +1511,32 @@ impl Relay {
     }
 }
 
+/// A client address formatted once (an IPv6 address is at most 45 bytes).
+struct ClientText {
+    buf: [u8; 46],
+    len: u8,
+}
+
+impl ClientText {
+    fn new(ip: Option<IpAddr>) -> ClientText {
+        let mut t = ClientText {
+            buf: [0; 46],
+            len: 0,
+        };
+        if let Some(ip) = ip {
+            let mut cur = io::Cursor::new(&mut t.buf[..]);
+            if write!(cur, "{ip}").is_ok() {
+                t.len = cur.position() as u8;
+            }
+        }
+        t
+    }
+
+    fn get(&self) -> Option<&[u8]> {
+        (self.len > 0).then(|| &self.buf[..self.len as usize])
+    }
+}
+
 /// Writes one of tqproxy's pages as an HTTP/1.1 response; returns the body length.
 fn write_page(
     out: &mut Vec<u8>,
@@ -1540,5 +1570,55 @@ fn write_page(
     } else {
         out.extend_from_slice(body.as_bytes());
         body.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    use super::*;
+    #[test]
+    fn print_sizes() {
+        let policy = Arc::new(Policy::new(
+            crate::routes::RouteHandle::new(),
+            None,
+            Default::default(),
+            3,
+        ));
+        let conf = Arc::new(pingora::server::configuration::ServerConf::default());
+        let h2 = Arc::new(pingora::proxy::http_proxy(
+            &conf,
+            H2Proxy::new(policy.clone()),
+        ));
+        let engine = Engine::new(
+            policy,
+            Settings {
+                header_timeout: Duration::from_secs(1),
+                keepalive_timeout: Duration::from_secs(1),
+                body_timeout: Duration::from_secs(1),
+                max_connections: None,
+                h2c: false,
+                pool_capacity: 1,
+            },
+            h2,
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(s));
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            let conn = Conn::new(&engine, stream, rx, false);
+            eprintln!("SIZE Conn {}", std::mem::size_of_val(&conn));
+            eprintln!("SIZE Exchange {}", std::mem::size_of::<Exchange>());
+            eprintln!("SIZE Request {}", std::mem::size_of::<Request>());
+            let fut = conn.serve();
+            eprintln!("SIZE serve future {}", std::mem::size_of_val(&fut));
+            drop(fut);
+        });
     }
 }

@@ -17,8 +17,7 @@
 //! head is rewritten from the parsed fields with CRLF, so the worker cannot read it otherwise.
 //! In a chunked body, which is forwarded as it is, only CRLF is accepted (see `body.rs`).
 
-use std::io::Write as _;
-use std::net::IpAddr;
+use std::mem::MaybeUninit;
 
 use httparse::Header;
 
@@ -28,6 +27,14 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_REQUEST_LINE: usize = 8 * 1024;
 /// Longest head, request or response.
 pub const MAX_HEAD: usize = 64 * 1024;
+
+/// Header slots for one parse, left uninitialised (httparse fills what it uses): no 3 KiB
+/// memset per head.
+pub type Slots<'b> = [MaybeUninit<Header<'b>>; MAX_HEADERS];
+
+pub fn slots<'b>() -> Slots<'b> {
+    [const { MaybeUninit::uninit() }; MAX_HEADERS]
+}
 
 /// A range of bytes in the buffer a head was parsed from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -424,7 +431,7 @@ pub fn check_partial(buf: &[u8]) -> Result<(), Reject> {
 /// at most [`MAX_HEADERS`] + 1 times per head.
 pub fn check_incomplete(buf: &[u8]) -> Result<(), Reject> {
     check_partial(buf)?;
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut slots = slots();
     match parse_request(buf, 0, &mut slots) {
         Ok(_) => Ok(()),
         Err(r) => Err(r),
@@ -436,11 +443,11 @@ pub fn check_incomplete(buf: &[u8]) -> Result<(), Reject> {
 pub fn parse_request<'h, 'b>(
     buf: &'b [u8],
     start: usize,
-    slots: &'h mut [Header<'b>; MAX_HEADERS],
+    slots: &'h mut Slots<'b>,
 ) -> Result<Parsed<'h, 'b>, Reject> {
     let input = &buf[start..];
-    let mut req = httparse::Request::new(slots);
-    let head_len = match req.parse(input) {
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(input, slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             check_partial(input)?;
@@ -672,7 +679,8 @@ pub struct RequestEdits<'a> {
     /// `target_prefix` (`/` when stripping left nothing or only a query).
     pub target_prefix: &'a [u8],
     pub target: &'a [u8],
-    pub client_ip: Option<IpAddr>,
+    /// The client's address as text (formatted once per connection).
+    pub client_ip: Option<&'a [u8]>,
     pub https: bool,
     /// A request id made by tqproxy (the client sent no valid one): replaces any it sent.
     pub new_request_id: Option<&'a [u8]>,
@@ -752,7 +760,8 @@ pub fn write_request(
                 out.extend_from_slice(b", ");
             }
         }
-        let _ = write!(out, "{ip}\r\n");
+        out.extend_from_slice(ip);
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(if edits.https {
         b"X-Forwarded-Proto: https\r\n"
@@ -802,11 +811,13 @@ impl Response {
 /// Parses and validates a response head at the start of `buf`; `Ok(None)` while incomplete.
 pub fn parse_response<'h, 'b>(
     buf: &'b [u8],
-    slots: &'h mut [Header<'b>; MAX_HEADERS],
+    slots: &'h mut Slots<'b>,
     head_request: bool,
 ) -> Result<Option<(Response, &'h [Header<'b>])>, BadResponse> {
-    let mut resp = httparse::Response::new(slots);
-    let head_len = match resp.parse(buf) {
+    let mut resp = httparse::Response::new(&mut []);
+    let head_len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, slots)
+    {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() > MAX_HEAD {
@@ -966,10 +977,9 @@ pub fn write_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use httparse::EMPTY_HEADER;
 
     fn parse(raw: &[u8]) -> Result<Request, Reject> {
-        let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+        let mut slots = slots();
         match parse_request(raw, 0, &mut slots)? {
             Parsed::Complete(r, _) => Ok(r),
             Parsed::Partial => Err(Reject {
@@ -980,7 +990,7 @@ mod tests {
     }
 
     fn forwarded(raw: &[u8], target: &[u8]) -> String {
-        let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+        let mut slots = slots();
         let Ok(Parsed::Complete(r, headers)) = parse_request(raw, 0, &mut slots) else {
             panic!("not complete")
         };
@@ -993,7 +1003,7 @@ mod tests {
             &RequestEdits {
                 target_prefix: b"",
                 target,
-                client_ip: Some("192.0.2.7".parse().unwrap()),
+                client_ip: Some(b"192.0.2.7"),
                 https: false,
                 new_request_id: None,
                 default_host: b"127.0.0.1:8080",
@@ -1127,7 +1137,7 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: h\r\n\r\n"
         );
         let resp = b"HTTP/1.1 200 OK\r\nConnection: Content-Length, Transfer-Encoding\r\nContent-Length: 2\r\n\r\nok";
-        let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+        let mut slots = slots();
         let (r, headers) = parse_response(resp, &mut slots, false).unwrap().unwrap();
         let mut out = Vec::new();
         let edits = ResponseEdits {
@@ -1188,7 +1198,7 @@ mod tests {
     #[test]
     fn responses_are_checked_and_rewritten() {
         let head = |raw: &[u8], head_req: bool| {
-            let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+            let mut slots = slots();
             parse_response(raw, &mut slots, head_req)
                 .map(|r| r.map(|(r, _)| (r.framing, r.reusable)))
         };
@@ -1232,7 +1242,7 @@ mod tests {
             );
         }
         let raw = b"HTTP/1.0 200 Fine\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nX-Request-Id: theirs\r\nContent-Length: 2\r\n\r\nok";
-        let mut slots = [EMPTY_HEADER; MAX_HEADERS];
+        let mut slots = slots();
         let (r, headers) = parse_response(raw, &mut slots, false).unwrap().unwrap();
         let mut out = Vec::new();
         write_response(
