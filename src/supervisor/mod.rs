@@ -29,6 +29,7 @@ pub mod instance;
 pub mod logs;
 mod owner;
 pub mod ports;
+pub mod sockets;
 mod spec;
 mod stats;
 pub mod status;
