@@ -8,3 +8,4 @@ mod harness;
 mod isolation;
 mod observability;
 mod swaps;
+mod transport;
