@@ -277,7 +277,8 @@ pub struct Record<'a> {
     #[serde(rename = "duration_s", serialize_with = "ser_secs")]
     pub elapsed: Duration,
     pub worker: Option<&'a str>,
-    /// The instance that answered: (id, port).
+    /// The instance that answered: (id, port); port 0 is an instance without one
+    /// (`transport: unix`), logged as `id:unix` (JSON: `"port": null`).
     #[serde(skip)]
     pub served_by: Option<(u64, u16)>,
     pub referer: Option<&'a str>,
@@ -298,7 +299,7 @@ fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error>
 
 impl Record<'_> {
     /// `client - - [time] "METHOD target VERSION" status bytes "referer" "user-agent"`
-    /// followed by `rt=` seconds, `worker=`, `instance=id:port` and `rid=`.
+    /// followed by `rt=` seconds, `worker=`, `instance=id:port` (`id:unix`) and `rid=`.
     fn combined(&self, out: &mut Vec<u8>, now: SystemTime) {
         match self.client {
             Some(ip) => {
@@ -332,6 +333,9 @@ impl Record<'_> {
             self.worker.unwrap_or("-")
         );
         match self.served_by {
+            Some((id, 0)) => {
+                let _ = write!(out, "{id}:unix");
+            }
             Some((id, port)) => {
                 let _ = write!(out, "{id}:{port}");
             }
@@ -356,7 +360,7 @@ impl Record<'_> {
             time: rfc3339_millis(now),
             line: self,
             instance: self.served_by.map(|(id, _)| id),
-            port: self.served_by.map(|(_, p)| p),
+            port: self.served_by.map(|(_, p)| p).filter(|p| *p != 0),
         };
         // Serializing borrowed strings and numbers into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, &json);
@@ -436,6 +440,24 @@ mod tests {
         let line = String::from_utf8(out).unwrap();
         assert!(line.starts_with("- - - ["), "{line}");
         assert!(line.ends_with(" worker=- instance=- rid=-\n"), "{line}");
+        // A unix-socket instance has no port.
+        let mut out = Vec::new();
+        Record {
+            served_by: Some((3, 0)),
+            ..sample()
+        }
+        .combined(&mut out, t);
+        let line = String::from_utf8(out).unwrap();
+        assert!(line.contains(" instance=3:unix rid=abc"), "{line}");
+        let mut out = Vec::new();
+        Record {
+            served_by: Some((3, 0)),
+            ..sample()
+        }
+        .json(&mut out, t);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["instance"], 3);
+        assert_eq!(v["port"], serde_json::Value::Null);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! # Words
 //! - **worker**: a named program with its config (`workers/<name>/worker.yaml`).
-//! - **instance**: one running process of a worker, on its own port, in its own sandbox.
+//! - **instance**: one running process of a worker, on its own port (or unix socket, with
+//!   `transport: unix`), in its own sandbox.
 //! - **generation**: the instances started from one revision of a worker's config.
 //! - **route table**: the immutable snapshot the proxy reads on every request.
 //! - **drain**: unroute an instance, wait for its in-flight requests, then stop it.

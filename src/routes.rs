@@ -27,8 +27,8 @@ pub struct Instance {
     pub id: u64,
     pub generation: u64,
     pub addr: SocketAddr,
-    /// With `transport: unix`, the socket the instance accepts on (`addr` is then only its
-    /// identity in status and logs).
+    /// With `transport: unix`, the socket the instance accepts on; the instance then has no
+    /// port and `addr` is `127.0.0.1:0` (logged as `id:unix`).
     pub unix_path: Option<Arc<std::path::Path>>,
     /// Requests currently proxied to this instance (incremented before connecting,
     /// decremented when the request is logged). WebSockets count until they close.

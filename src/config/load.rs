@@ -372,6 +372,7 @@ impl Config {
         }
         let needed: u64 = workers
             .values()
+            .filter(|w| w.uses_port())
             .map(|w| w.instances as u64 * 2 + w.deploy.max_surge as u64)
             .sum();
         let pool = (*ports.end() as u64) - (*ports.start() as u64) + 1;

@@ -124,6 +124,27 @@ impl fmt::Display for Strategy {
     }
 }
 
+/// How the proxy reaches a worker's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// TCP on `127.0.0.1:$PORT`, a port from the `ports` range (the default).
+    #[default]
+    Tcp,
+    /// A unix stream socket tqproxy creates under `run_dir` and passes as fd 3; the instance
+    /// has no port (`PORT` is not set).
+    Unix,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "tcp",
+            Transport::Unix => "unix",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Namespace {
@@ -419,14 +440,22 @@ pub struct WorkerConfig {
     pub resources: Resources,
     pub sandbox: SandboxConfig,
     pub build: Option<BuildConfig>,
-    /// Pass the listening socket as fd 3 (always on with a network namespace).
+    /// Pass the listening socket as fd 3 (always on with a network namespace and with
+    /// `transport: unix`).
     pub pass_socket: bool,
+    /// TCP (default) or a unix socket between the proxy and the instances.
+    pub transport: Transport,
 }
 
 impl WorkerConfig {
     /// Whether the instance gets its listening socket from tqproxy.
     pub fn passes_socket(&self) -> bool {
-        self.pass_socket || self.sandbox.has(Namespace::Net)
+        self.pass_socket || self.sandbox.has(Namespace::Net) || self.transport == Transport::Unix
+    }
+
+    /// Whether an instance needs a port from the `ports` range.
+    pub fn uses_port(&self) -> bool {
+        self.transport == Transport::Tcp
     }
 }
 

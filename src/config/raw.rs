@@ -227,6 +227,7 @@ pub(super) struct RawWorker {
     pub(super) build: Option<RawBuild>,
     #[serde(default)]
     pub(super) pass_socket: bool,
+    pub(super) transport: Option<Transport>,
 }
 
 pub(super) fn yes() -> bool {

@@ -297,6 +297,7 @@ pub(super) fn load_worker(
         sandbox,
         build,
         pass_socket: raw.pass_socket,
+        transport: raw.transport.unwrap_or_default(),
         file: file.clone(),
         dir: dir.to_path_buf(),
     };

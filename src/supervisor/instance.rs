@@ -2,7 +2,6 @@
 //! its liveness, stop it (SIGTERM, then SIGKILL of the whole tree), and report facts to the
 //! supervisor. The supervisor decides what the facts mean.
 
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -56,8 +55,10 @@ pub struct Launch {
     pub worker: Arc<str>,
     pub id: u64,
     pub generation: u64,
-    pub port: u16,
-    pub listener: Option<std::net::TcpListener>,
+    /// Where the instance accepts: `127.0.0.1:port`, or its unix socket.
+    pub target: health::Target,
+    /// The listening socket tqproxy created for it (TCP or unix), passed as fd 3.
+    pub listener: Option<OwnedFd>,
     pub config: Arc<WorkerConfig>,
     pub spec: SpawnSpec,
     pub cgroup: Option<Arc<InstanceCgroup>>,
@@ -78,7 +79,7 @@ pub fn launch(
     let io = SpawnIo {
         stdout: Stdio::piped(),
         stderr: Stdio::piped(),
-        listen: l.listener.map(OwnedFd::from),
+        listen: l.listener,
     };
     let mut child = spawner
         .spawn(&l.spec, io)
@@ -104,12 +105,13 @@ pub fn launch(
             l.tail.clone(),
         )));
     }
+    let at = match &l.target {
+        health::Target::Tcp(a) => format!("port {}", a.port()),
+        health::Target::Unix(p) => format!("socket {}", p.display()),
+    };
     l.log.event(
         l.id,
-        &format!(
-            "started pid {pid} port {} generation {}",
-            l.port, l.generation
-        ),
+        &format!("started pid {pid} {at} generation {}", l.generation),
     );
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let report = Reporter {
@@ -121,7 +123,7 @@ pub fn launch(
     report.send(Fact::Spawned { pid });
     let monitor = Monitor {
         pumps,
-        addr: SocketAddr::from(([127, 0, 0, 1], l.port)),
+        target: l.target,
         config: l.config,
         cgroup: l.cgroup,
         tail: l.tail,
@@ -155,7 +157,7 @@ impl Reporter {
 struct Monitor {
     /// The tasks copying the instance's stdout/stderr into its log.
     pumps: Vec<tokio::task::JoinHandle<()>>,
-    addr: SocketAddr,
+    target: health::Target,
     config: Arc<WorkerConfig>,
     cgroup: Option<Arc<InstanceCgroup>>,
     tail: Tail,
@@ -217,7 +219,7 @@ impl Monitor {
                         kill_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(5));
                     }
                     Phase::Starting { since } => {
-                        match health::probe(self.addr, health.path.as_deref(), health.timeout.min(Duration::from_secs(2))).await {
+                        match health::probe(&self.target, health.path.as_deref(), health.timeout.min(Duration::from_secs(2))).await {
                             Ok(()) => {
                                 self.report.send(Fact::Ready { after: since.elapsed() });
                                 phase = Phase::Live { failures: 0, reported: false };
@@ -242,7 +244,7 @@ impl Monitor {
                         }
                     }
                     Phase::Live { failures, reported } => {
-                        match health::probe(self.addr, health.path.as_deref(), health.timeout).await {
+                        match health::probe(&self.target, health.path.as_deref(), health.timeout).await {
                             Ok(()) => *failures = 0,
                             Err(e) => {
                                 *failures += 1;

@@ -1,7 +1,8 @@
 //! The supervisor: the single owner of all instance state.
 //!
 //! One task (the *owner*, `Owner::run`) holds every worker and instance record, the port
-//! pool and the cgroup driver, and is the only writer of the route table. Everything else
+//! pool, the unix sockets of `transport: unix` instances ([`sockets`]) and the cgroup driver,
+//! and is the only writer of the route table. Everything else
 //! talks to it through [`SupervisorHandle`] messages:
 //!
 //! - instance monitors ([`instance`]) report facts: spawned, ready, unhealthy, exited;
@@ -29,6 +30,7 @@ pub mod instance;
 pub mod logs;
 mod owner;
 pub mod ports;
+pub mod sockets;
 mod spec;
 mod stats;
 pub mod status;

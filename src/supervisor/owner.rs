@@ -2,18 +2,21 @@
 //! the only writer of the route table. It handles one message at a time (see [`Msg`]); all
 //! waiting happens elsewhere (monitors, orchestrations, timers), so it never blocks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::health::Target;
 use super::instance::{self, Ctl, Fact, Launch};
 use super::logs::{Tail, WorkerLog};
 use super::ports::PortPool;
+use super::sockets;
 use super::spec::{build_spec, cgroup_limits, prepare_dirs, setup_cgroups};
 use super::stats::ProcStats;
 use super::status::{InstanceStatus, Outcome, StandbyStatus, StatusReport, WorkerStatus};
@@ -21,7 +24,7 @@ use super::{
     Cause, Commit, GONE, InstanceView, Msg, Phase, Role, StandbyInfo, State, SupervisorHandle,
     WorkerView, deploy,
 };
-use crate::config::{Config, WorkerConfig};
+use crate::config::{Config, Transport, WorkerConfig};
 use crate::metrics::{METRICS, WorkerMetrics};
 use crate::routes::{
     Backend, BackendSettings, Instance, Route, RouteHandle, RouteTable, WorkerShared,
@@ -36,6 +39,8 @@ struct Record {
     role: Role,
     state: State,
     port: Option<u16>,
+    /// With `transport: unix`: the socket file of the current process (removed when it exits).
+    socket: Option<Arc<Path>>,
     pid: Option<u32>,
     shared: Arc<Instance>,
     /// Published in the route table (once ready).
@@ -89,6 +94,9 @@ pub(super) struct Owner {
     config: Arc<Config>,
     workers: BTreeMap<String, WorkerState>,
     ports: PortPool,
+    /// The sockets directories (`<run_dir>/sockets/<pid>`) this process created; removed when
+    /// every instance has stopped.
+    socket_dirs: BTreeSet<PathBuf>,
     routes: Arc<RouteHandle>,
     handle: SupervisorHandle,
     cgroups: Option<Arc<CgroupDriver>>,
@@ -109,8 +117,12 @@ impl Owner {
         let cgroups = setup_cgroups(&config);
         std::fs::create_dir_all(&config.logs_dir)
             .map_err(|e| format!("cannot create {}: {e}", config.logs_dir.display()))?;
+        for d in sockets::cleanup_stale(&config.run_dir, std::process::id()) {
+            tracing::warn!(dir = %d.display(), "removed the unix sockets left by an earlier tqproxy");
+        }
         Ok(Owner {
             ports: PortPool::new(config.ports.clone()),
+            socket_dirs: BTreeSet::new(),
             config,
             workers: BTreeMap::new(),
             routes,
@@ -143,6 +155,13 @@ impl Owner {
                     && let Err(e) = cg.remove()
                 {
                     tracing::warn!(error = %e, "cgroup parent not removed");
+                }
+                for d in std::mem::take(&mut self.socket_dirs) {
+                    sockets::remove_dir(&d);
+                    // `<run_dir>/sockets` too, once no other tqproxy uses it.
+                    if let Some(base) = d.parent() {
+                        let _ = std::fs::remove_dir(base);
+                    }
                 }
                 tracing::info!("every instance stopped");
                 for w in self.shutdown_waiters.drain(..) {
@@ -443,6 +462,7 @@ impl Owner {
                 role,
                 state: State::Starting,
                 port: None,
+                socket: None,
                 pid: None,
                 shared: placeholder,
                 routed: false,
@@ -499,19 +519,53 @@ impl Owner {
             return Err(format!("no instance {id}"));
         };
         let config = r.config.clone();
-        let (port, listener) = self
-            .ports
-            .allocate(config.passes_socket())
-            .ok_or_else(|| "no free port in the worker port range".to_string())?;
-        r.epoch += 1;
-        let epoch = r.epoch;
+        let epoch = r.epoch + 1;
+        // Where the instance accepts: a port of the pool (bound here when the socket is
+        // passed), or a unix socket created here.
+        let (target, port, socket, listener): (
+            Target,
+            Option<u16>,
+            Option<Arc<Path>>,
+            Option<OwnedFd>,
+        ) = match config.transport {
+            Transport::Tcp => {
+                let (port, l) = self
+                    .ports
+                    .allocate(config.passes_socket())
+                    .ok_or_else(|| "no free port in the worker port range".to_string())?;
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                (Target::Tcp(addr), Some(port), None, l.map(OwnedFd::from))
+            }
+            Transport::Unix => {
+                let dir = sockets::process_dir(&run_dir, std::process::id());
+                let path = sockets::path(&dir, worker, id, epoch)?;
+                let l = sockets::bind(&path)?;
+                self.socket_dirs.insert(dir);
+                let path: Arc<Path> = path.into();
+                (
+                    Target::Unix(path.clone()),
+                    None,
+                    Some(path),
+                    Some(OwnedFd::from(l)),
+                )
+            }
+        };
+        let release = |ports: &mut PortPool| {
+            if let Some(p) = port {
+                ports.release(p);
+            }
+            if let Some(s) = &socket {
+                sockets::remove(s);
+            }
+        };
+        r.epoch = epoch;
         let cgroup = match &cgroups {
             Some(driver) => {
                 let limits = cgroup_limits(&config);
                 match driver.create(&format!("{worker}.{id}.{epoch}"), &limits) {
                     Ok(cg) => Some(Arc::new(cg)),
                     Err(e) if config.resources.needs_cgroup() => {
-                        self.ports.release(port);
+                        release(&mut self.ports);
                         return Err(format!("cannot create cgroup: {e}"));
                     }
                     Err(e) => {
@@ -531,13 +585,18 @@ impl Owner {
             &others,
             &[run_dir, conf_dir, logs_dir],
         );
-        r.shared = Arc::new(Instance::new(
+        // A unix instance has no address of its own: port 0 stands for "none" in the access
+        // log; the proxy connects to `unix_path`.
+        let mut shared = Instance::new(
             wname.clone(),
             id,
             r.generation,
-            SocketAddr::from(([127, 0, 0, 1], port)),
-        ));
-        r.port = Some(port);
+            SocketAddr::from(([127, 0, 0, 1], port.unwrap_or(0))),
+        );
+        shared.unix_path = socket.clone();
+        r.shared = Arc::new(shared);
+        r.port = port;
+        r.socket = socket.clone();
         r.pid = None;
         r.state = State::Starting;
         r.started_at = Instant::now();
@@ -551,7 +610,7 @@ impl Owner {
             worker: wname,
             id,
             generation: r.generation,
-            port,
+            target: target.clone(),
             listener,
             config,
             spec,
@@ -566,14 +625,16 @@ impl Owner {
                 tracing::info!(
                     worker,
                     instance = id,
-                    port,
+                    %target,
                     generation = r.generation,
                     "starting"
                 );
                 Ok(())
             }
             Err(e) => {
-                self.ports.release(port);
+                release(&mut self.ports);
+                r.port = None;
+                r.socket = None;
                 if let Some(cg) = cgroup {
                     let _ = cg.remove();
                 }
@@ -661,6 +722,9 @@ impl Owner {
             } => {
                 if let Some(p) = r.port.take() {
                     self.ports.release(p);
+                }
+                if let Some(path) = r.socket.take() {
+                    sockets::remove(&path);
                 }
                 r.pid = None;
                 r.ctl = None;
@@ -1056,6 +1120,7 @@ impl Owner {
                         id: r.id,
                         pid: r.pid,
                         port: r.port,
+                        socket: r.socket.as_ref().map(|p| p.display().to_string()),
                         state: r.state.as_str().to_string(),
                         generation: r.generation,
                         restarts: r.restarts,

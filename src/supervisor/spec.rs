@@ -90,8 +90,13 @@ pub fn check_worker(config: &Config, w: &WorkerConfig) -> Result<(), String> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let private = [config.run_dir.clone(), conf_dir, config.logs_dir.clone()];
-    let spec = build_spec(w, 1, 1, *config.ports.start(), None, &others, &private);
+    let port = w.uses_port().then_some(*config.ports.start());
+    let spec = build_spec(w, 1, 1, port, None, &others, &private);
     crate::sandbox::check_spec(&spec).map_err(|e| format!("sandbox: {e}"))?;
+    if w.transport == crate::config::Transport::Unix {
+        super::sockets::check_fits(&config.run_dir, &w.name)
+            .map_err(|e| format!("transport: unix: {e}"))?;
+    }
     if w.resources.needs_cgroup() {
         if config.cgroups.mode == CgroupMode::Off {
             return Err(
@@ -211,20 +216,23 @@ pub(super) fn within(p: &Path, q: &Path) -> bool {
     p.starts_with(q)
 }
 
-/// The spawn spec of one instance: environment, limits and sandbox.
+/// The spawn spec of one instance: environment, limits and sandbox. `port` is `None` for a
+/// `transport: unix` instance, which then gets no `PORT` or `WORKER_PORT`.
 pub(super) fn build_spec(
     c: &WorkerConfig,
     id: u64,
     generation: u64,
-    port: u16,
+    port: Option<u16>,
     cgroup: Option<&InstanceCgroup>,
     others: &[Arc<WorkerConfig>],
     private_dirs: &[PathBuf],
 ) -> SpawnSpec {
     let mut env: Vec<(String, String)> =
         c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    env.push(("PORT".into(), port.to_string()));
-    env.push(("WORKER_PORT".into(), port.to_string()));
+    if let Some(port) = port {
+        env.push(("PORT".into(), port.to_string()));
+        env.push(("WORKER_PORT".into(), port.to_string()));
+    }
     env.push(("WORKER_NAME".into(), c.name.clone()));
     env.push(("WORKER_INSTANCE".into(), id.to_string()));
     env.push(("WORKER_GENERATION".into(), generation.to_string()));

@@ -51,7 +51,11 @@ pub struct StandbyStatus {
 pub struct InstanceStatus {
     pub id: u64,
     pub pid: Option<u32>,
+    /// The instance's port (`transport: tcp`); `None` with `transport: unix`.
     pub port: Option<u16>,
+    /// The instance's unix socket path (`transport: unix`).
+    #[serde(default)]
+    pub socket: Option<String>,
     /// `starting|ready|draining|stopping|exited|crashloop`
     pub state: String,
     pub generation: u64,
@@ -268,7 +272,11 @@ impl StatusReport {
                     "  {:>4} {:>7} {:>5} {:<9} {:>3} {:<9} {:>6} {:>4} {:>5} {:>9} {:>8} {:>8} {:>7}  {}\n",
                     i.id,
                     i.pid.map_or("-".into(), |p| p.to_string()),
-                    i.port.map_or("-".into(), |p| p.to_string()),
+                    match (i.port, &i.socket) {
+                        (Some(p), _) => p.to_string(),
+                        (None, Some(_)) => "unix".into(),
+                        (None, None) => "-".into(),
+                    },
                     i.state,
                     i.generation,
                     i.role,
@@ -285,6 +293,9 @@ impl StatusReport {
                 );
                 out.push_str(row.trim_end());
                 out.push('\n');
+                if let Some(socket) = &i.socket {
+                    out.push_str(&format!("  {:>4} {:>7} socket {socket}\n", "", ""));
+                }
             }
         }
         out
@@ -301,6 +312,7 @@ mod tests {
             id,
             pid: up.then_some(1000 + id as u32),
             port: up.then_some(9000 + id as u16),
+            socket: None,
             state: state.into(),
             generation: 1,
             restarts: 2,
@@ -429,8 +441,39 @@ mod tests {
             ]
         );
         assert!(lines[header + 2].ends_with("killed by SIGKILL"), "{t}");
+        assert!(!t.contains("socket"), "{t}");
         // Columns line up: every row is as wide as the header up to LAST EXIT.
         let width = lines[header].find("LAST EXIT").unwrap();
         assert!(lines[header + 1].len() <= width, "{t}");
+    }
+
+    #[test]
+    fn a_unix_instance_shows_its_socket_instead_of_a_port() {
+        let mut unix = instance(1, "ready", None);
+        unix.port = None;
+        unix.socket = Some("/run/tqproxy/sockets/7214/a.1.1.sock".into());
+        let st = report(vec![worker("a", 1, vec![unix])]);
+        let t = st.render_table();
+        let lines: Vec<&str> = t.lines().collect();
+        let header = lines.iter().position(|l| l.contains("ID")).unwrap();
+        let row: Vec<&str> = lines[header + 1].split_whitespace().collect();
+        assert_eq!(row[..4], ["1", "1001", "unix", "ready"], "{t}");
+        assert_eq!(
+            lines[header + 2].trim(),
+            "socket /run/tqproxy/sockets/7214/a.1.1.sock",
+            "{t}"
+        );
+        // The JSON document carries both fields; an older document without `socket` reads.
+        let json = serde_json::to_value(&st).unwrap();
+        let i = &json["workers"][0]["instances"][0];
+        assert_eq!(i["port"], serde_json::Value::Null);
+        assert_eq!(i["socket"], "/run/tqproxy/sockets/7214/a.1.1.sock");
+        let mut old = json.clone();
+        old["workers"][0]["instances"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("socket");
+        let back: StatusReport = serde_json::from_value(old).unwrap();
+        assert_eq!(back.workers[0].instances[0].socket, None);
     }
 }

@@ -46,6 +46,22 @@ fn a_valid_configuration_passes() {
 }
 
 #[test]
+fn unix_workers_take_no_port_from_the_range() {
+    // Two ports would not do for 4 TCP instances (2 × 4 + 1 during a deploy); unix ones
+    // need none.
+    let global = "listen: [\"127.0.0.1:18080\"]\nports: \"9000-9001\"\n";
+    let unix = "command: [\"/bin/true\"]\nroutes: [\"/\"]\ninstances: 4\ntransport: unix\n";
+    let d = install(global, &[("a", unix)]);
+    let (code, out) = check(d.path());
+    assert_eq!(code, 0, "{out}");
+    let tcp = unix.replace("transport: unix", "transport: tcp");
+    let d = install(global, &[("a", &tcp)]);
+    let (code, out) = check(d.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("ports: range 9000-9001 has 2 ports"), "{out}");
+}
+
+#[test]
 fn worker_errors_name_file_line_and_key() {
     // (worker.yaml, expected "file:line: key: message" fragment)
     let cases: &[(&str, &str)] = &[
@@ -128,6 +144,14 @@ fn worker_errors_name_file_line_and_key() {
         (
             "command: [\"/bin/true\"]\ndeploy:\n  strategy: canary\n",
             "a/worker.yaml:3: deploy.strategy: unknown variant `canary`",
+        ),
+        (
+            "command: [\"/bin/true\"]\ntransport: udp\n",
+            "a/worker.yaml:2: transport: unknown variant `udp`, expected `tcp` or `unix`",
+        ),
+        (
+            "command: [\"/bin/true\"]\ntransport: [unix]\n",
+            "a/worker.yaml:2: transport: invalid type: sequence",
         ),
         (
             "command: [\"/bin/true\"]\ndeploy: { max_surge: 0 }\n",

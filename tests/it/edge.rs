@@ -31,7 +31,12 @@ fn cert(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
 /// An environment with a plain listener (the harness's), a TLS listener with two
 /// certificates, and a redirect listener. Returns (env, tls port, redirect port).
 fn tls_env(extra_global: &str) -> (Env, u16, u16) {
-    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 2, "")]);
+    tls_env_with(&[WorkerDef::hello("w", "[\"/\"]", 2, "")], extra_global)
+}
+
+/// [`tls_env`] with these workers.
+pub(crate) fn tls_env_with(workers: &[WorkerDef], extra_global: &str) -> (Env, u16, u16) {
+    let mut env = Env::new(workers);
     // The extra listeners take the top two ports of the env's block, out of the worker pool.
     let (tls_port, redirect_port) = (env.ports.1, env.ports.1 - 1);
     let tls_dir = env.dir.path().join("conf/tls");
@@ -50,7 +55,7 @@ fn tls_env(extra_global: &str) -> (Env, u16, u16) {
 }
 
 /// curl with `args`; returns (stdout, stderr).
-fn curl(args: &[&str]) -> (String, String) {
+pub(crate) fn curl(args: &[&str]) -> (String, String) {
     let o = Command::new("curl")
         .args(["-s", "--max-time", "10"])
         .args(args)

@@ -9,3 +9,4 @@ mod harness;
 mod isolation;
 mod observability;
 mod swaps;
+mod transport;

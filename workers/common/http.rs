@@ -125,7 +125,11 @@ impl Worker {
     /// `WORKER_NAME`/`WORKER_INSTANCE`/`WORKER_GENERATION` (defaults `PROG`, `0`, `0`).
     pub fn from_env() -> Worker {
         let Some(port) = env_var("PORT") else {
-            log!("PORT is not set");
+            // `transport: unix` sets no PORT: say that this worker cannot serve it.
+            match crate::listen::inherited_listener() {
+                Err(e) => log!("{e}"),
+                Ok(_) => log!("PORT is not set"),
+            }
             std::process::exit(2);
         };
         let Ok(port) = port.trim().parse::<u16>() else {

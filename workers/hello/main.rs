@@ -4,7 +4,8 @@
 //! (DESIGN.md, "Worker contract"):
 //!
 //! - listens on `127.0.0.1:$PORT`, or on the inherited fd 3 when `LISTEN_FDS=1` and
-//!   `LISTEN_PID` is this process (socket passing into a network namespace);
+//!   `LISTEN_PID` is this process: a TCP socket (socket passing into a network namespace) or
+//!   a unix stream socket (`transport: unix`, then without `PORT`);
 //! - SIGTERM (or SIGINT) is graceful: stop accepting, finish every in-flight request, close idle
 //!   keep-alive connections, send WebSockets a 1001 close, exit 0. A second signal exits at once;
 //! - keep-alive, pipelining, HTTP/1.0, `Content-Length` and chunked request bodies, `Content-Length`
@@ -41,8 +42,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
@@ -85,7 +86,9 @@ struct Config {
     name: String,
     instance: String,
     generation: String,
-    port: u16,
+    /// `None` is fine when tqproxy passes the listening socket (`transport: unix` sets no
+    /// `PORT`).
+    port: Option<u16>,
     threads: usize,
     catch_all: bool,
     version: String,
@@ -95,11 +98,14 @@ struct Config {
 impl Config {
     fn from_env() -> Result<Config, String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let port = var("PORT").ok_or("PORT is not set")?;
-        let port = port
-            .trim()
-            .parse()
-            .map_err(|_| format!("PORT={port:?} is not a port number"))?;
+        let port = match var("PORT") {
+            None => None,
+            Some(port) => Some(
+                port.trim()
+                    .parse()
+                    .map_err(|_| format!("PORT={port:?} is not a port number"))?,
+            ),
+        };
         let threads = match var("WORKER_THREADS") {
             None => 1,
             Some(t) => t
@@ -200,10 +206,14 @@ fn main() {
         }
     };
     // Claim fd 3 before anything else (the runtime's epoll) can be given that number.
-    let inherited = listen::inherited_listener().unwrap_or_else(|e| {
+    let inherited = listen::inherited().unwrap_or_else(|e| {
         log!("{e}");
         None
     });
+    if inherited.is_none() && cfg.port.is_none() {
+        log!("PORT is not set (and no listening socket was passed as fd 3)");
+        std::process::exit(2);
+    }
     let mut builder = if cfg.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -222,17 +232,66 @@ fn main() {
     std::process::exit(code);
 }
 
-fn open_listener(
-    port: u16,
-    inherited: Option<std::net::TcpListener>,
-) -> io::Result<(TcpListener, &'static str)> {
-    if let Some(l) = inherited {
-        return Ok((TcpListener::from_std(l)?, " (fd 3)"));
+/// Where connections come from: TCP, or the unix socket tqproxy passed (`transport: unix`).
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// The inherited fd 3, or a fresh TCP listener on `127.0.0.1:port`.
+    fn open(
+        port: Option<u16>,
+        inherited: Option<listen::Inherited>,
+    ) -> io::Result<(Listener, &'static str)> {
+        match inherited {
+            Some(listen::Inherited::Tcp(l)) => {
+                Ok((Listener::Tcp(TcpListener::from_std(l)?), " (fd 3)"))
+            }
+            Some(listen::Inherited::Unix(l)) => {
+                Ok((Listener::Unix(UnixListener::from_std(l)?), " (fd 3)"))
+            }
+            None => {
+                let port = port.unwrap_or(0);
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.set_reuseaddr(true)?;
+                socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
+                Ok((Listener::Tcp(socket.listen(1024)?), ""))
+            }
+        }
     }
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
-    Ok((socket.listen(1024)?, ""))
+
+    fn local_addr(&self) -> io::Result<String> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()),
+            Listener::Unix(l) => l.local_addr().map(|a| match a.as_pathname() {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "an unnamed unix socket".into(),
+            }),
+        }
+    }
+
+    /// Accepts one connection and starts its task (a `Conn` per stream type: no dynamic
+    /// dispatch on the request path).
+    async fn accept_and_spawn(
+        &self,
+        app: &Arc<App>,
+        stop: &watch::Receiver<bool>,
+        done: &mpsc::Sender<()>,
+    ) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                tokio::spawn(Conn::new(s, app.clone(), stop.clone(), done.clone()).run());
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                tokio::spawn(Conn::new(s, app.clone(), stop.clone(), done.clone()).run());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// EMFILE and friends: the caller backs off instead of spinning and never exits; this logs at
@@ -245,12 +304,12 @@ fn log_accept_error(e: &io::Error, (count, last): &mut (u64, Option<std::time::I
     }
 }
 
-async fn run(app: Arc<App>, inherited: Option<std::net::TcpListener>) -> i32 {
+async fn run(app: Arc<App>, inherited: Option<listen::Inherited>) -> i32 {
     let cfg = &app.cfg;
-    let (listener, how) = match open_listener(cfg.port, inherited) {
+    let (listener, how) = match Listener::open(cfg.port, inherited) {
         Ok(l) => l,
         Err(e) => {
-            log!("cannot listen on 127.0.0.1:{}: {e}", cfg.port);
+            log!("cannot listen on 127.0.0.1:{}: {e}", cfg.port.unwrap_or(0));
             return 1;
         }
     };
@@ -266,7 +325,7 @@ async fn run(app: Arc<App>, inherited: Option<std::net::TcpListener>) -> i32 {
     };
     let addr = listener
         .local_addr()
-        .map_or_else(|_| format!("127.0.0.1:{}", cfg.port), |a| a.to_string());
+        .unwrap_or_else(|_| format!("127.0.0.1:{}", cfg.port.unwrap_or(0)));
     log!(
         "instance {} gen {} listening on {addr}{how} (pid {})",
         cfg.instance,
@@ -280,11 +339,8 @@ async fn run(app: Arc<App>, inherited: Option<std::net::TcpListener>) -> i32 {
     let mut accept_errors = (0u64, None);
     let signame = loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let conn = Conn::new(stream, app.clone(), stop_rx.clone(), done_tx.clone());
-                    tokio::spawn(conn.run());
-                }
+            accepted = listener.accept_and_spawn(&app, &stop_rx, &done_tx) => match accepted {
+                Ok(()) => {}
                 Err(e) => {
                     log_accept_error(&e, &mut accept_errors);
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -978,8 +1034,27 @@ enum End {
     Status(u16),
 }
 
-struct Conn {
-    stream: TcpStream,
+/// What a connection runs on: a TCP or a unix stream. `Conn` is generic over it, so each
+/// kind gets its own monomorphised code.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// A non-blocking read into `buf` (`WouldBlock` when nothing is there).
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+}
+
+impl Stream for TcpStream {
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+}
+
+impl Stream for UnixStream {
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        UnixStream::try_read_buf(self, buf)
+    }
+}
+
+struct Conn<S> {
+    stream: S,
     app: Arc<App>,
     buf: BytesMut,
     out: Vec<u8>,
@@ -992,14 +1067,13 @@ struct Conn {
     _done: mpsc::Sender<()>,
 }
 
-impl Conn {
+impl<S: Stream> Conn<S> {
     fn new(
-        stream: TcpStream,
+        stream: S,
         app: Arc<App>,
         stop: watch::Receiver<bool>,
         done: mpsc::Sender<()>,
-    ) -> Conn {
-        let _ = stream.set_nodelay(true);
+    ) -> Conn<S> {
         let deadline = Instant::now() + IDLE_TIMEOUT;
         Conn {
             stream,
