@@ -1,7 +1,6 @@
 //! HTTP/2 from clients (ALPN `h2` on TLS listeners, h2c with `proxy.h2c`): still pingora's
 //! `ProxyHttp` state machine, each stream proxied to a worker over HTTP/1.1 by pingora's
-//! connector, with every decision taken by [`policy`](super::policy) like the HTTP/1.1 engine
-//! does. The HTTP/1.1 engine hands these connections here after ALPN or the h2c preface.
+//! connector, with every decision taken by [`super::policy`] as the HTTP/1.1 engine does. The HTTP/1.1 engine hands these connections here after ALPN or the h2c preface.
 
 use std::sync::Arc;
 use std::time::Instant;

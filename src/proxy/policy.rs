@@ -1,7 +1,7 @@
 //! The proxy's policy, written once: what both the HTTP/1.1 engine (`h1`) and the HTTP/2 path
 //! (`h2`) decide the same way.
 //!
-//! - Routing: host, then the longest path prefix on a segment boundary ([`RouteTable`]);
+//! - Routing: host, then the longest path prefix on a segment boundary ([`RouteTable`](crate::routes::RouteTable));
 //!   least-outstanding balancing among routed instances ([`Backend::pick`], which also reserves
 //!   the in-flight slot drains wait for).
 //! - Queueing: with no ready instance, a request waits up to the worker's `queue_timeout` for

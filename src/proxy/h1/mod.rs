@@ -16,7 +16,7 @@
 //! `read_timeout` upstream.
 //!
 //! HTTP/2 connections (ALPN `h2`, or the h2c preface with `proxy.h2c`) are handed to
-//! [`H2Proxy`](super::h2::H2Proxy) through pingora's HTTP server.
+//! [`H2Proxy`] through pingora's HTTP server.
 
 pub mod body;
 pub mod buf;
