@@ -123,14 +123,35 @@ impl ServerApp for Engine {
     }
 }
 
+/// When a wait ends: at an instant, or a duration after the moment the wait starts.
+#[derive(Clone, Copy, Debug)]
+enum Deadline {
+    At(Instant),
+    After(Duration),
+}
+
+impl From<Instant> for Deadline {
+    fn from(i: Instant) -> Deadline {
+        Deadline::At(i)
+    }
+}
+
+impl From<Duration> for Deadline {
+    fn from(d: Duration) -> Deadline {
+        Deadline::After(d)
+    }
+}
+
 /// Runs `f` until it completes, or until `deadline` (`None`). The connection's one timer is
-/// armed only when `f` has to wait, and moving it later is cheap (tokio extends the entry in
-/// place), so a request that never waits never touches the timer wheel.
+/// armed only when `f` has to wait (and only then is the clock read), and moving it later is
+/// cheap (tokio extends the entry in place), so I/O that completes at once never touches the
+/// timer or the clock.
 async fn within<F: Future>(
     timer: &mut Pin<Box<Sleep>>,
-    deadline: Instant,
+    deadline: impl Into<Deadline>,
     f: F,
 ) -> Option<F::Output> {
+    let deadline = deadline.into();
     let mut f = pin!(f);
     let mut armed = false;
     poll_fn(|cx| {
@@ -138,8 +159,12 @@ async fn within<F: Future>(
             return Poll::Ready(Some(v));
         }
         if !armed {
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
+            let at = match deadline {
+                Deadline::At(at) => at,
+                Deadline::After(d) => Instant::now() + d,
+            };
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
             }
             armed = true;
         }
@@ -368,11 +393,10 @@ impl<'e> Conn<'e> {
             self.wait_for_bytes().await?;
         }
         let h2c = self.first && self.settings().h2c && !self.https;
-        let deadline = if self.first {
-            self.opened + self.settings().header_timeout
-        } else {
-            Instant::now() + self.settings().header_timeout
-        };
+        // The whole head within `client_header_timeout`: from the connection's start for its
+        // first request, else from when the head turns out not to be complete at once.
+        let header_timeout = self.settings().header_timeout;
+        let mut deadline = self.first.then_some(self.opened + header_timeout);
         let Conn {
             io, timer, inbuf, ..
         } = self;
@@ -396,7 +420,8 @@ impl<'e> Conn<'e> {
                 searched = got.len();
             }
             buf.reserve(4096);
-            match within(timer, deadline, read_into(io, buf)).await {
+            let at = *deadline.get_or_insert_with(|| Instant::now() + header_timeout);
+            match within(timer, at, read_into(io, buf)).await {
                 Some(Ok(0)) | Some(Err(_)) => return Err(HeadEnd::Quiet),
                 Some(Ok(_)) => {}
                 None => {
@@ -413,10 +438,10 @@ impl<'e> Conn<'e> {
     /// from the pool only for the moment a read is tried, and kept once it filled some.
     async fn wait_for_bytes(&mut self) -> Result<(), HeadEnd> {
         let first = self.first;
-        let deadline = if first {
-            self.opened + self.settings().header_timeout
+        let deadline: Deadline = if first {
+            (self.opened + self.settings().header_timeout).into()
         } else {
-            Instant::now() + self.settings().keepalive_timeout
+            self.settings().keepalive_timeout.into()
         };
         if !first && *self.shutdown.borrow() {
             return Err(HeadEnd::Quiet);
@@ -475,7 +500,7 @@ impl<'e> Conn<'e> {
         METRICS.unrouted.with_label_values(&["bad_request"]).inc();
         let mut out = Scratch::take();
         let bytes = write_page(&mut out.0, &page, None, true, false);
-        let deadline = Instant::now() + self.settings().body_timeout;
+        let deadline = self.settings().body_timeout;
         let Conn { io, timer, .. } = self;
         let _ = within(timer, deadline, async {
             io.write_all(&out.0).await?;
@@ -820,7 +845,7 @@ impl<'e> Conn<'e> {
 
     /// Writes bytes tqproxy made up to the client, within the body timeout.
     async fn send_head(&mut self, bytes: &[u8]) -> bool {
-        let deadline = Instant::now() + self.settings().body_timeout;
+        let deadline = self.settings().body_timeout;
         let Conn { io, timer, .. } = self;
         matches!(
             within(timer, deadline, async {
@@ -890,7 +915,7 @@ impl<'e> Conn<'e> {
         let mut up = match pooled_conn {
             Some(c) => c,
             None => {
-                let deadline = Instant::now() + settings.connect_timeout;
+                let deadline = settings.connect_timeout;
                 match within(&mut self.timer, deadline, Upstream::connect(inst)).await {
                     Some(Ok(c)) => c,
                     Some(Err(err)) => {
@@ -952,7 +977,7 @@ impl<'e> Conn<'e> {
             e.body_end = Some(head_len + send_now);
             e.replayable = true;
         }
-        let deadline = Instant::now() + settings.read_timeout;
+        let deadline = settings.read_timeout;
         let sent = within(
             &mut self.timer,
             deadline,
@@ -1048,12 +1073,7 @@ impl<'e> Conn<'e> {
                     },
                     BodyState::Done => (0, true),
                 };
-                let wrote = within(
-                    timer,
-                    Instant::now() + read_timeout,
-                    up.write_all(&avail[..send]),
-                )
-                .await;
+                let wrote = within(timer, read_timeout, up.write_all(&avail[..send])).await;
                 if !matches!(wrote, Some(Ok(()))) {
                     // The worker stopped reading: it may have answered already.
                     return Ok(state);
@@ -1067,7 +1087,7 @@ impl<'e> Conn<'e> {
             // All sent: reuse the room after the head for what comes next.
             buf.end = head_len;
             pos = head_len;
-            let deadline = Instant::now() + body_timeout;
+            let deadline = body_timeout;
             let event = within(timer, deadline, async {
                 tokio::select! {
                     biased;
@@ -1153,7 +1173,7 @@ impl<'e> Conn<'e> {
                     }
                 }
                 Ok(None) => {
-                    let deadline = Instant::now() + read_timeout;
+                    let deadline = read_timeout;
                     match within(&mut self.timer, deadline, read_into(up, upbuf)).await {
                         Some(Ok(0)) | Some(Err(_)) => {
                             return Err(Attempt::Failed {
@@ -1265,7 +1285,7 @@ impl<'e> Conn<'e> {
                 Some((r, Some(f))) => break (r, f),
                 None => {}
             }
-            let deadline = Instant::now() + read_timeout;
+            let deadline = read_timeout;
             match within(&mut self.timer, deadline, read_into(&mut up, &mut upbuf)).await {
                 Some(Ok(0)) | Some(Err(_)) => {
                     let failure = if got_any {
@@ -1321,7 +1341,7 @@ impl<'e> Conn<'e> {
                 None => (head, &avail[..send]),
             };
             let body_bytes = (a.len() + b.len() - head.len()) as u64;
-            let wrote = within(timer, Instant::now() + body_timeout, write_two(io, a, b)).await;
+            let wrote = within(timer, body_timeout, write_two(io, a, b)).await;
             if !matches!(wrote, Some(Ok(()))) {
                 // The client went away; the upstream connection is in an unknown state.
                 return Attempt::ClientGone;
@@ -1336,7 +1356,7 @@ impl<'e> Conn<'e> {
             if !upbuf.is_empty() {
                 continue;
             }
-            let deadline = Instant::now() + read_timeout;
+            let deadline = read_timeout;
             match within(timer, deadline, read_into(&mut up, &mut upbuf)).await {
                 Some(Ok(0)) => {
                     complete = framing == Framing::Close;
@@ -1357,7 +1377,7 @@ impl<'e> Conn<'e> {
                 pooled: false,
             };
         }
-        let _ = within(timer, Instant::now() + body_timeout, io.flush()).await;
+        let _ = within(timer, body_timeout, io.flush()).await;
         if complete && upstream_ok && resp.reusable && body_done && upbuf.is_empty() {
             pool::checkin(
                 inst,
@@ -1396,7 +1416,7 @@ impl<'e> Conn<'e> {
         // What the client sent after its request already belongs to the new protocol.
         let after = e.body_end.unwrap_or(e.req.head_len).min(cbuf.len());
         cbuf.consume(after);
-        let first = within(timer, Instant::now() + idle, async {
+        let first = within(timer, idle, async {
             write_two(io, head, upbuf.filled()).await?;
             io.flush().await?;
             up.write_all(cbuf.filled()).await
@@ -1412,7 +1432,7 @@ impl<'e> Conn<'e> {
         upbuf.clear();
         let (mut client_open, mut upstream_open) = (true, true);
         while client_open || upstream_open {
-            let event = within(timer, Instant::now() + idle, async {
+            let event = within(timer, idle, async {
                 tokio::select! {
                     r = io.read(cbuf.spare()), if client_open => (true, r),
                     r = up.read(upbuf.spare()), if upstream_open => (false, r),
