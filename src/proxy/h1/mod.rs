@@ -360,6 +360,12 @@ impl<'e> Conn<'e> {
             self.first = false;
             match self.request().await {
                 Next::KeepAlive => {}
+                // Unread bytes from the client (a pipelined request after `Connection: close`)
+                // would turn our close into a reset that can destroy the answer: linger.
+                Next::Close if self.inbuf.as_ref().is_some_and(|b| !b.is_empty()) => {
+                    self.linger().await;
+                    return None;
+                }
                 Next::Close => {
                     let _ = self.io.flush().await;
                     return None;
@@ -599,8 +605,16 @@ impl<'e> Conn<'e> {
             body_end: None,
             replayable: req.framing == Framing::None,
         });
+        // (A connection's limit and redirect are decided before any wait: an instance picked
+        // after one is never left holding its slot here.)
+        let local = |page| {
+            if let Some((_, inst)) = &picked {
+                inst.release(false);
+            }
+            Decision::Local(page)
+        };
         if self.over_limit {
-            return Decision::Local(LocalAnswer::Page(ErrorPage::too_many_connections()));
+            return local(LocalAnswer::Page(ErrorPage::too_many_connections()));
         }
         let host = req.host_span().map(|s| s.str(all));
         let path = req.path(all);
@@ -608,7 +622,7 @@ impl<'e> Conn<'e> {
             && !policy::is_acme_challenge(path)
         {
             let get_or_head = matches!(req.method, Method::Get | Method::Head);
-            return Decision::Local(
+            return local(
                 match policy::redirect(get_or_head, host, req.path_query.str(all), port) {
                     Some((status, location)) => LocalAnswer::Redirect(status, location),
                     None => LocalAnswer::Page(ErrorPage::rejected(
