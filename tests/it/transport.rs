@@ -286,8 +286,11 @@ while True:
         failed.contains("last output: got GET /health HTTP/1.1"),
         "{failed}"
     );
-    // Nothing is routed to it.
-    let r = env.get("/");
+    // Nothing is routed to it (tqproxy listens once the supervisor finished starting, which
+    // may be just after that line).
+    let r = wait_for("tqproxy to answer", Duration::from_secs(10), || {
+        request(env.listen, "GET", "/", None, &[], b"").ok()
+    });
     assert_eq!(r.status, 503, "{}", r.body);
 }
 

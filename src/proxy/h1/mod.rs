@@ -256,6 +256,9 @@ struct Exchange {
     body_end: Option<usize>,
     /// The whole body is in the client buffer: the request can be sent again.
     replayable: bool,
+    /// When the response was relayed (one clock reading for the pool, the metrics, the log
+    /// and the next keep-alive deadline).
+    ended: Option<Instant>,
 }
 
 impl Exchange {
@@ -301,6 +304,8 @@ struct Conn<'e> {
     /// No request was read on this connection yet.
     first: bool,
     opened: Instant,
+    /// When the last request ended: the keep-alive deadline counts from there.
+    last_end: Option<Instant>,
 }
 
 impl<'e> Conn<'e> {
@@ -337,6 +342,7 @@ impl<'e> Conn<'e> {
             inbuf: None,
             first: true,
             opened,
+            last_end: None,
         }
     }
 
@@ -444,10 +450,10 @@ impl<'e> Conn<'e> {
     /// from the pool only for the moment a read is tried, and kept once it filled some.
     async fn wait_for_bytes(&mut self) -> Result<(), HeadEnd> {
         let first = self.first;
-        let deadline: Deadline = if first {
-            (self.opened + self.settings().header_timeout).into()
-        } else {
-            self.settings().keepalive_timeout.into()
+        let deadline: Deadline = match (first, self.last_end) {
+            (true, _) => (self.opened + self.settings().header_timeout).into(),
+            (false, Some(end)) => (end + self.settings().keepalive_timeout).into(),
+            (false, None) => self.settings().keepalive_timeout.into(),
         };
         if !first && *self.shutdown.borrow() {
             return Err(HeadEnd::Quiet);
@@ -604,6 +610,7 @@ impl<'e> Conn<'e> {
             served_by: None,
             body_end: None,
             replayable: req.framing == Framing::None,
+            ended: None,
         });
         // (A connection's limit and redirect are decided before any wait: an instance picked
         // after one is never left holding its slot here.)
@@ -879,6 +886,8 @@ impl<'e> Conn<'e> {
 
     /// The request is done: metrics, access log, and the client buffer moved past it.
     fn finish(&mut self, e: &mut Exchange) {
+        let end = *e.ended.get_or_insert_with(Instant::now);
+        self.last_end = Some(end);
         let buf = self.inbuf.as_ref().map_or(&[][..], |b| b.filled());
         if e.backend.is_some() || self.engine.policy.access_log.is_some() {
             let r = &e.req;
@@ -892,7 +901,7 @@ impl<'e> Conn<'e> {
                 host: opt(r.host_span()),
                 status: e.status,
                 bytes: e.bytes,
-                elapsed: e.started.elapsed(),
+                elapsed: end.saturating_duration_since(e.started),
                 worker: e.backend.as_ref().map(|b| &*b.worker),
                 served_by: e.served_by,
                 referer: opt(r.referer),
@@ -923,7 +932,7 @@ impl<'e> Conn<'e> {
         let pooled_conn = if fresh {
             None
         } else {
-            pool::checkout(inst, settings.idle_timeout)
+            pool::checkout(inst, settings.idle_timeout, e.started)
         };
         let pooled = pooled_conn.is_some();
         let mut up = match pooled_conn {
@@ -977,6 +986,7 @@ impl<'e> Conn<'e> {
                                 self.engine.settings.pool_capacity,
                                 settings.idle_timeout,
                                 &self.engine.policy.routes,
+                                e.started,
                             );
                             return Attempt::BadBody(Reject {
                                 status: 400,
@@ -992,6 +1002,13 @@ impl<'e> Conn<'e> {
             e.replayable = true;
         }
         let deadline = settings.read_timeout;
+        // Send upstream after the runtime polled the other connections that are ready: their
+        // requests reach the worker together, as HAProxy flushes at the end of its loop, so
+        // the worker wakes once per burst instead of once per request. Measured (bench ka32,
+        // 4 rounds): 1.07x req/s and 0.96x CPU per request; the worker's context switches
+        // per request were 2.5x HAProxy's without it. The same for the client's side (waking
+        // the client later) measured worse: 0.97x.
+        tokio::task::yield_now().await;
         let sent = within(
             &mut self.timer,
             deadline,
@@ -1227,6 +1244,13 @@ impl<'e> Conn<'e> {
         let read_timeout = backend.settings.read_timeout;
         let head_request = e.req.method == Method::Head;
         let mut got_any = !upbuf.is_empty();
+        // The response head is due `read_timeout` after the request went out: from the
+        // request's start (already read off the clock) unless its body was streamed.
+        let head_deadline: Deadline = if e.replayable {
+            (e.started + read_timeout).into()
+        } else {
+            read_timeout.into()
+        };
         // The response head (interim responses forwarded and skipped).
         let (resp, framing) = loop {
             let decided = {
@@ -1299,8 +1323,13 @@ impl<'e> Conn<'e> {
                 Some((r, Some(f))) => break (r, f),
                 None => {}
             }
-            let deadline = read_timeout;
-            match within(&mut self.timer, deadline, read_into(&mut up, &mut upbuf)).await {
+            match within(
+                &mut self.timer,
+                head_deadline,
+                read_into(&mut up, &mut upbuf),
+            )
+            .await
+            {
                 Some(Ok(0)) | Some(Err(_)) => {
                     let failure = if got_any {
                         Failure::BadResponse
@@ -1392,6 +1421,8 @@ impl<'e> Conn<'e> {
             };
         }
         let _ = within(timer, body_timeout, io.flush()).await;
+        let now = Instant::now();
+        e.ended = Some(now);
         if complete && upstream_ok && resp.reusable && body_done && upbuf.is_empty() {
             pool::checkin(
                 inst,
@@ -1399,6 +1430,7 @@ impl<'e> Conn<'e> {
                 self.engine.settings.pool_capacity,
                 backend.settings.idle_timeout,
                 &self.engine.policy.routes,
+                now,
             );
         }
         Attempt::Relayed {

@@ -151,15 +151,15 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
-/// The most recently used idle connection to `inst` that is still good, if any.
-pub fn checkout(inst: &Instance, idle_timeout: Duration) -> Option<Upstream> {
+/// The most recently used idle connection to `inst` that is still good, if any (`now`: a
+/// recent reading of the clock, such as the request's start).
+pub fn checkout(inst: &Instance, idle_timeout: Duration, now: Instant) -> Option<Upstream> {
     POOL.with_borrow_mut(|pool| {
         let i = pool
             .buckets
             .iter()
             .position(|b| b.instance.key == inst.key)?;
         let bucket = &mut pool.buckets[i];
-        let now = Instant::now();
         while let Some(idle) = bucket.idle.pop() {
             pool.total -= 1;
             if now.saturating_duration_since(idle.since) >= idle_timeout {
@@ -185,6 +185,7 @@ pub fn checkin(
     capacity: usize,
     idle_timeout: Duration,
     routes: &Arc<RouteHandle>,
+    now: Instant,
 ) {
     let start_sweeper = POOL.with_borrow_mut(|pool| {
         // A request that picked the instance before it was unrouted brings its connection back
@@ -203,10 +204,7 @@ pub fn checkin(
                 pool.buckets.len() - 1
             }
         };
-        pool.buckets[i].idle.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        pool.buckets[i].idle.push(Idle { conn, since: now });
         pool.total += 1;
         !std::mem::replace(&mut pool.sweeping, true)
     });
@@ -282,10 +280,24 @@ mod tests {
             Upstream::Unix(_) => unreachable!(),
         };
         let routes = RouteHandle::new();
-        checkin(&inst, a, 10, Duration::from_secs(30), &routes);
-        checkin(&inst, b, 10, Duration::from_secs(30), &routes);
+        checkin(
+            &inst,
+            a,
+            10,
+            Duration::from_secs(30),
+            &routes,
+            Instant::now(),
+        );
+        checkin(
+            &inst,
+            b,
+            10,
+            Duration::from_secs(30),
+            &routes,
+            Instant::now(),
+        );
         // The newest comes back first.
-        let got = checkout(&inst, Duration::from_secs(30)).unwrap();
+        let got = checkout(&inst, Duration::from_secs(30), Instant::now()).unwrap();
         match &got {
             Upstream::Tcp(s) => assert_eq!(s.local_addr().unwrap().port(), b_port),
             Upstream::Unix(_) => unreachable!(),
@@ -295,7 +307,7 @@ mod tests {
         drop(sa);
         // Let the readiness reach the runtime.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(checkout(&inst, Duration::from_secs(30)).is_none());
+        assert!(checkout(&inst, Duration::from_secs(30), Instant::now()).is_none());
         drop(got);
     }
 
@@ -309,15 +321,29 @@ mod tests {
         for _ in 0..3 {
             let c = Upstream::connect(&inst).await.unwrap();
             keep.push(listener.accept().await.unwrap());
-            checkin(&inst, c, 2, Duration::from_secs(30), &routes);
+            checkin(
+                &inst,
+                c,
+                2,
+                Duration::from_secs(30),
+                &routes,
+                Instant::now(),
+            );
         }
         assert_eq!(POOL.with_borrow(|p| p.total), 2, "capacity bounds the pool");
         // A zero idle timeout: everything is stale at checkout.
-        assert!(checkout(&inst, Duration::ZERO).is_none());
+        assert!(checkout(&inst, Duration::ZERO, Instant::now()).is_none());
         assert_eq!(POOL.with_borrow(|p| p.total), 0);
         let c = Upstream::connect(&inst).await.unwrap();
         keep.push(listener.accept().await.unwrap());
-        checkin(&inst, c, 2, Duration::from_secs(30), &routes);
+        checkin(
+            &inst,
+            c,
+            2,
+            Duration::from_secs(30),
+            &routes,
+            Instant::now(),
+        );
         inst.routed.store(false, Ordering::SeqCst);
         sweep(Instant::now(), Duration::from_secs(30));
         assert_eq!(POOL.with_borrow(|p| (p.total, p.buckets.len())), (0, 0));
