@@ -449,6 +449,7 @@ impl ProxyHttp for H2Proxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
         let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let elapsed = ctx.started.elapsed();
         let rec = Record {
             client: session
                 .client_addr()
@@ -460,14 +461,15 @@ impl ProxyHttp for H2Proxy {
             host: request_host(req),
             status,
             bytes: session.body_bytes_sent() as u64,
-            elapsed: ctx.started.elapsed(),
+            elapsed,
             worker: ctx.backend.as_ref().map(|b| &*b.worker),
             served_by: ctx.served_by,
             referer: header("referer"),
             user_agent: header("user-agent"),
             request_id: ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
         };
-        self.policy.record(ctx.backend.as_deref(), &rec);
+        self.policy
+            .record(ctx.backend.as_deref(), status, elapsed, || rec);
     }
 }
 

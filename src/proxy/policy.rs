@@ -132,17 +132,21 @@ impl Policy {
     }
 
     /// Records one finished request: the worker's metrics (when a worker was involved and an
-    /// answer was sent) and the access log line.
-    pub fn record(&self, backend: Option<&Backend>, rec: &Record<'_>) {
+    /// answer was sent) and, when there is an access log, the line `line` builds.
+    pub fn record<'a>(
+        &self,
+        backend: Option<&Backend>,
+        status: u16,
+        elapsed: Duration,
+        line: impl FnOnce() -> Record<'a>,
+    ) {
         if let Some(b) = backend
-            && rec.status > 0
+            && status > 0
         {
-            b.shared
-                .metrics
-                .record(rec.status, rec.elapsed.as_secs_f64());
+            b.shared.metrics.record(status, elapsed.as_secs_f64());
         }
         if let Some(log) = &self.access_log {
-            log.log(rec);
+            log.log(&line());
         }
     }
 }

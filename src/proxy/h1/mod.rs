@@ -247,7 +247,6 @@ struct Exchange {
     /// A request id made here (the client sent none that could be kept).
     new_id: Option<[u8; 16]>,
     backend: Option<Arc<Backend>>,
-    route: Option<Route>,
     status: u16,
     bytes: u64,
     served_by: Option<(u64, u16)>,
@@ -525,27 +524,22 @@ impl<'e> Conn<'e> {
 
     /// The access log line of a request tqproxy could not parse.
     fn record_bare(&self, status: u16, bytes: u64, started: Instant) {
-        if self.engine.policy.access_log.is_none() {
-            return;
-        }
-        self.engine.policy.record(
-            None,
-            &Record {
-                client: self.client_ip,
-                method: "-",
-                target: "-",
-                version: "HTTP/1.1",
-                host: None,
-                status,
-                bytes,
-                elapsed: started.elapsed(),
-                worker: None,
-                served_by: None,
-                referer: None,
-                user_agent: None,
-                request_id: None,
-            },
-        );
+        let elapsed = started.elapsed();
+        self.engine.policy.record(None, status, elapsed, || Record {
+            client: self.client_ip,
+            method: "-",
+            target: "-",
+            version: "HTTP/1.1",
+            host: None,
+            status,
+            bytes,
+            elapsed,
+            worker: None,
+            served_by: None,
+            referer: None,
+            user_agent: None,
+            request_id: None,
+        });
     }
 
     /// Closes after an error: stop sending, then read and discard what the client still sends
@@ -604,7 +598,6 @@ impl<'e> Conn<'e> {
             started: Instant::now(),
             new_id: None,
             backend: None,
-            route: None,
             status: 0,
             bytes: 0,
             served_by: None,
@@ -647,14 +640,14 @@ impl<'e> Conn<'e> {
                     METRICS.no_route.inc();
                     return Decision::Local(LocalAnswer::Page(ErrorPage::no_route()));
                 };
-                exchange.backend = Some(route.backend.clone());
                 let Some(inst) = route.backend.pick(tried) else {
+                    exchange.backend = Some(route.backend.clone());
                     return Decision::Wait;
                 };
                 (route.clone(), inst)
             }
         };
-        exchange.backend = Some(route.backend.clone());
+        exchange.backend = Some(route.backend);
         // The target upstream: the prefix stripped where the route says so.
         let (slash, pq) = req.origin_form(all);
         let mut target: [&[u8]; 2] = [slash, pq];
@@ -697,7 +690,6 @@ impl<'e> Conn<'e> {
                 default_host: default_host.as_bytes(),
             },
         );
-        exchange.route = Some(route);
         Decision::Forward(inst)
     }
 
@@ -779,12 +771,17 @@ impl<'e> Conn<'e> {
                 }
                 Attempt::Failed { failure, pooled } => {
                     inst.release(false);
-                    backend.shared.metrics.upstream_error(failure.kind());
+                    let stale = pooled && failure == Failure::Refused;
+                    backend.shared.metrics.upstream_error(if stale {
+                        crate::metrics::UpstreamErrorKind::Closed
+                    } else {
+                        failure.kind()
+                    });
                     let replayable = e.replayable;
                     let idempotent = e.req.method.idempotent();
                     // A pooled connection the worker had closed: once, a fresh connection to
                     // any instance (the same one included) without counting an attempt.
-                    if pooled && failure == Failure::Refused && !fresh {
+                    if stale && replayable && !fresh {
                         fresh = true;
                         attempts -= 1;
                         backend.shared.metrics.retries.inc();
@@ -889,27 +886,30 @@ impl<'e> Conn<'e> {
         let end = *e.ended.get_or_insert_with(Instant::now);
         self.last_end = Some(end);
         let buf = self.inbuf.as_ref().map_or(&[][..], |b| b.filled());
-        if e.backend.is_some() || self.engine.policy.access_log.is_some() {
-            let r = &e.req;
-            let opt = |s: Option<parse::Span>| s.and_then(|s| std::str::from_utf8(s.get(buf)).ok());
-            let rid = e.request_id(buf);
-            let rec = Record {
-                client: self.client_ip,
-                method: r.method_span.str(buf),
-                target: r.target.str(buf),
-                version: if r.http10 { "HTTP/1.0" } else { "HTTP/1.1" },
-                host: opt(r.host_span()),
-                status: e.status,
-                bytes: e.bytes,
-                elapsed: end.saturating_duration_since(e.started),
-                worker: e.backend.as_ref().map(|b| &*b.worker),
-                served_by: e.served_by,
-                referer: opt(r.referer),
-                user_agent: opt(r.user_agent),
-                request_id: std::str::from_utf8(rid).ok(),
-            };
-            self.engine.policy.record(e.backend.as_deref(), &rec);
-        }
+        let elapsed = end.saturating_duration_since(e.started);
+        let client = self.client_ip;
+        self.engine
+            .policy
+            .record(e.backend.as_deref(), e.status, elapsed, || {
+                let r = &e.req;
+                let opt =
+                    |s: Option<parse::Span>| s.and_then(|s| std::str::from_utf8(s.get(buf)).ok());
+                Record {
+                    client,
+                    method: r.method_span.str(buf),
+                    target: r.target.str(buf),
+                    version: if r.http10 { "HTTP/1.0" } else { "HTTP/1.1" },
+                    host: opt(r.host_span()),
+                    status: e.status,
+                    bytes: e.bytes,
+                    elapsed,
+                    worker: e.backend.as_ref().map(|b| &*b.worker),
+                    served_by: e.served_by,
+                    referer: opt(r.referer),
+                    user_agent: opt(r.user_agent),
+                    request_id: std::str::from_utf8(e.request_id(buf)).ok(),
+                }
+            });
         if let Some(buf) = self.inbuf.as_mut() {
             match e.body_end {
                 Some(end) => buf.consume(end),
