@@ -317,6 +317,8 @@ pub struct Resources {
     pub address_space: Option<u64>,
     pub file_size: Option<u64>,
     pub io: Option<IoSettings>,
+    /// CPU scheduling policy of the instances (default `batch`).
+    pub cpu_scheduling: crate::sandbox::CpuScheduling,
 }
 
 impl Resources {

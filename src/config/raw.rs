@@ -287,6 +287,7 @@ pub(super) struct RawResources {
     pub(super) address_space: Option<HumanSize>,
     pub(super) file_size: Option<HumanSize>,
     pub(super) io: Option<RawIo>,
+    pub(super) cpu_scheduling: Option<crate::sandbox::CpuScheduling>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -336,6 +336,11 @@ pub(super) fn worker_resources(
         address_space: r.address_space.map(|s| s.0),
         file_size: r.file_size.map(|s| s.0),
         io: None,
+        // Batch by default: a worker woken with a request does not preempt the front end
+        // forwarding a burst on the same cores (README, "What each feature does and costs").
+        cpu_scheduling: r
+            .cpu_scheduling
+            .unwrap_or(crate::sandbox::CpuScheduling::Batch),
     };
     if let Some(m) = res.memory
         && m < 1 << 20

@@ -112,8 +112,11 @@ fn run() -> Result<Infallible, Failure> {
         join_cgroup(path).step("join cgroup")?;
     }
 
-    // 2. Resource limits.
+    // 2. Resource limits, and the CPU scheduling policy (inherited across exec and fork).
     apply_rlimits(&spec.rlimits).step("rlimits")?;
+    sys::set_cpu_scheduling(spec.cpu_scheduling)
+        .call(|| format!("sched_setscheduler({:?})", spec.cpu_scheduling))
+        .step("cpu scheduling")?;
 
     // 3. New session and process group: the supervisor signals the group, and a terminal's
     //    Ctrl-C does not reach workers.

@@ -94,6 +94,9 @@ pub struct SpawnSpec {
     /// `cgroup.procs` files the helper writes itself into, first of all.
     pub cgroup_procs: Vec<PathBuf>,
     pub rlimits: RlimitSpec,
+    /// The CPU scheduling policy the worker runs under (inherited by its children).
+    #[serde(default)]
+    pub cpu_scheduling: CpuScheduling,
     pub namespaces: NamespaceSpec,
     /// Hostname inside a uts namespace.
     pub hostname: Option<String>,
@@ -107,6 +110,21 @@ pub struct SpawnSpec {
     /// fd 3 is the instance's listening socket: set `LISTEN_FDS=1` and `LISTEN_PID` to the pid
     /// of the process that execs the worker.
     pub listen_fd: bool,
+}
+
+/// A worker's CPU scheduling policy (systemd's `CPUSchedulingPolicy=`), all at priority 0.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuScheduling {
+    /// SCHED_OTHER: the kernel's default.
+    #[default]
+    Other,
+    /// SCHED_BATCH: like `other`, but a wake-up does not preempt the running task. Woken by
+    /// the front end with a request, the worker runs once the front end waits, instead of
+    /// interrupting it halfway through forwarding a burst.
+    Batch,
+    /// SCHED_IDLE: only when nothing else wants the CPU.
+    Idle,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

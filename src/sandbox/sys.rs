@@ -188,6 +188,21 @@ pub(crate) fn reset_signal_dispositions() {
     }
 }
 
+/// Sets this process's CPU scheduling policy (priority 0; allowed to an unprivileged process
+/// for SCHED_OTHER, SCHED_BATCH and SCHED_IDLE).
+pub(crate) fn set_cpu_scheduling(policy: super::CpuScheduling) -> nix::Result<()> {
+    let policy = match policy {
+        super::CpuScheduling::Other => libc::SCHED_OTHER,
+        super::CpuScheduling::Batch => libc::SCHED_BATCH,
+        super::CpuScheduling::Idle => libc::SCHED_IDLE,
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid, initialised sched_param that outlives the call; pid 0 is
+    // this process; the call reads the struct and changes nothing in our address space.
+    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    nix::errno::Errno::result(r).map(drop)
+}
+
 /// Closes fd 3, the listening socket, in the relay and init, which must not hold it. Only call
 /// it when the spec passes a listening socket (fd 3 is then taken, so no pipe of ours is 3).
 pub(crate) fn close_listen_fd() {

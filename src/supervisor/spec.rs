@@ -280,6 +280,7 @@ pub(super) fn build_spec(
             address_space: c.resources.address_space,
             file_size: c.resources.file_size,
         },
+        cpu_scheduling: c.resources.cpu_scheduling,
         namespaces: NamespaceSpec {
             mount,
             pid: sb.has(Namespace::Pid),

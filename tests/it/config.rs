@@ -110,6 +110,10 @@ fn worker_errors_name_file_line_and_key() {
             "routes[1]: route `/x/` is listed twice",
         ),
         (
+            "command: [\"/bin/true\"]\nresources:\n  cpu_scheduling: fifo\n",
+            "a/worker.yaml:3: resources.cpu_scheduling: unknown variant `fifo`, expected one of `other`, `batch`, `idle`",
+        ),
+        (
             "command: [\"/bin/true\"]\nresources: { memory: 100M, memory_high: 200M }\n",
             "a/worker.yaml:2: resources.memory_high: must not exceed resources.memory",
         ),

@@ -263,7 +263,7 @@ const FULL_SANDBOX: &str = "sandbox:
   seccomp: default
   landlock: true
   read_write: [data]
-resources: { memory: 64M, cpu: 0.5, pids: 64, open_files: 256 }
+resources: { memory: 64M, cpu: 0.5, pids: 64, open_files: 256, cpu_scheduling: idle }
 ";
 
 // ---------------------------------------------------------------------------------------------
@@ -346,6 +346,9 @@ fn probe_report_matches_the_config_field_by_field() {
     );
     assert_eq!(r["rlimit_nofile"], json!([256, 256]));
     assert_eq!(r["rlimit_core"], json!([0, 0]));
+    // The scheduling policy: `idle` as configured; a worker that says nothing runs `batch`.
+    assert_eq!(r["sched_policy"], "idle");
+    assert_eq!(get_json(&env, "/bare/")["sched_policy"], "batch");
 
     // pid namespace: the worker is PID 2 under a tiny init (PID 1); uts: the hostname.
     assert_eq!(r["pid"], 2);

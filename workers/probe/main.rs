@@ -232,6 +232,7 @@ fn report() -> Value {
         "cpu_quota": cpu_quota,
         "rlimit_nofile": rlimit_nofile,
         "rlimit_core": rlimit_core,
+        "sched_policy": sched_policy(),
         "pid": std::process::id(),
         "ppid": unistd::getppid().as_raw(),
         "hostname": hostname,
@@ -359,6 +360,24 @@ fn net_dev_interfaces(dev: &str) -> Vec<String> {
         .filter_map(|l| l.split_once(':'))
         .map(|(name, _)| name.trim().to_string())
         .collect()
+}
+
+/// This process's scheduling policy by name, from field 41 of `/proc/self/stat` (after the
+/// `)` that ends the command name).
+fn sched_policy() -> Option<&'static str> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    // Field 3 (state) is the first after the name; the policy is field 41.
+    let policy: u32 = after.split(' ').nth(41 - 3)?.parse().ok()?;
+    Some(match policy {
+        0 => "other",
+        1 => "fifo",
+        2 => "rr",
+        3 => "batch",
+        5 => "idle",
+        6 => "deadline",
+        _ => "unknown",
+    })
 }
 
 #[cfg(test)]
