@@ -76,7 +76,7 @@ pub struct Engine {
     policy: Arc<Policy>,
     settings: Settings,
     h2: Arc<HttpProxy<H2Proxy>>,
-    connections: AtomicUsize,
+    connections: Arc<AtomicUsize>,
 }
 
 impl Engine {
@@ -85,15 +85,15 @@ impl Engine {
             policy,
             settings,
             h2,
-            connections: AtomicUsize::new(0),
+            connections: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
 
 /// Counts a connection for `proxy.max_connections` while it lives.
-struct Counted<'a>(&'a AtomicUsize);
+struct Counted(Arc<AtomicUsize>);
 
-impl Drop for Counted<'_> {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -109,14 +109,21 @@ impl ServerApp for Engine {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return ServerApp::process_new(&self.h2, stream, shutdown).await;
         }
-        let n = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
-        let _counted = Counted(&self.connections);
-        let over_limit = self.settings.max_connections.is_some_and(|max| n > max);
-        let conn = Conn::new(self, stream, shutdown.clone(), over_limit);
-        match conn.serve().await {
-            Some(h2c) => ServerApp::process_new(&self.h2, h2c, shutdown).await,
-            None => None,
-        }
+        // The connection gets a task of its own, and pingora's ends here: its future is sized
+        // for the TLS handshake it may run (about 10 KB, measured), for as long as the
+        // connection would live.
+        let engine = self.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let n = engine.connections.fetch_add(1, Ordering::Relaxed) + 1;
+            let _counted = Counted(engine.connections.clone());
+            let over_limit = engine.settings.max_connections.is_some_and(|max| n > max);
+            let conn = Conn::new(engine.clone(), stream, shutdown.clone(), over_limit);
+            if let Some(h2c) = conn.serve().await {
+                ServerApp::process_new(&engine.h2, h2c, &shutdown).await;
+            }
+        });
+        None
     }
 
     async fn cleanup(&self) {
@@ -287,8 +294,8 @@ enum LocalAnswer {
 }
 
 /// The state of one client connection.
-struct Conn<'e> {
-    engine: &'e Engine,
+struct Conn {
+    engine: Arc<Engine>,
     io: Stream,
     shutdown: ShutdownWatch,
     timer: Pin<Box<Sleep>>,
@@ -308,8 +315,8 @@ struct Conn<'e> {
     last_end: Option<Instant>,
 }
 
-impl<'e> Conn<'e> {
-    fn new(engine: &'e Engine, io: Stream, shutdown: ShutdownWatch, over_limit: bool) -> Conn<'e> {
+impl Conn {
+    fn new(engine: Arc<Engine>, io: Stream, shutdown: ShutdownWatch, over_limit: bool) -> Conn {
         let digest = io.get_socket_digest();
         let client_ip = digest
             .as_ref()
@@ -327,14 +334,15 @@ impl<'e> Conn<'e> {
         };
         let https = io.get_ssl_digest().is_some();
         let opened = Instant::now();
+        let timer = Box::pin(tokio::time::sleep_until(
+            opened + engine.settings.header_timeout,
+        ));
         Conn {
             engine,
             io,
             shutdown,
             client_ip_text: ClientText::new(client_ip),
-            timer: Box::pin(tokio::time::sleep_until(
-                opened + engine.settings.header_timeout,
-            )),
+            timer,
             client_ip,
             https,
             redirect_to,
@@ -1688,7 +1696,7 @@ mod tests {
                 .unwrap();
             let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(s));
             let (_tx, rx) = tokio::sync::watch::channel(false);
-            let conn = Conn::new(&engine, stream, rx, false);
+            let conn = Conn::new(Arc::new(engine), stream, rx, false);
             assert!(conn.inbuf.is_none(), "no buffer before the first byte");
             let fut = conn.serve();
             let size = std::mem::size_of_val(&fut);
