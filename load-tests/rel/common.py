@@ -49,9 +49,22 @@ class Ctx:
     quick: bool
     keep: bool = False          # keep temp dirs (configs, logs) for a look afterwards
     cgroups: str = "auto"       # tqproxy's cgroups.mode for stacks that want limits
+    ci: bool = False            # --ci: each group runs only its first/cheapest scenario (implies quick)
+    inject_leak: bool = False   # --inject-leak: a scenario leaves a process behind on purpose (self-test
+                                # of the leak checks: its rows must then fail)
+    on_row: object = None       # called with each Row as it completes (the runner prints it)
 
-    def secs(self, full, quick):
-        return quick if self.quick else full
+    def secs(self, full, quick, ci=None):
+        """A duration: full, or quick with --quick, or ci (default quick) with --ci."""
+        if self.ci and ci is not None:
+            return ci
+        return quick if self.quick or self.ci else full
+
+    def emit(self, row):
+        """Reports a finished row at once (printed by the runner); returns it."""
+        if self.on_row:
+            self.on_row(row)
+        return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +154,55 @@ def fmt_stats(s):
     if not s or s.get("rss_kb") is None:
         return "-"
     return f"{s['rss_kb'] / 1024:.1f} MiB / {s['fds']} fds / {s['threads']} thr"
+
+
+def pid_alive(pid):
+    """pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+        return st[st.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def fd_targets(pid):
+    """{fd: readlink target} of a live process ({} if it is gone)."""
+    out = {}
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def fd_kinds(pid):
+    """Counts of a process's fds by kind: socket, pipe, pidfd, eventpoll, file, ..."""
+    out = {}
+    for t in fd_targets(pid).values():
+        if t.startswith("socket:"):
+            k = "socket"
+        elif t.startswith("pipe:"):
+            k = "pipe"
+        elif t.startswith("anon_inode:"):
+            k = t[len("anon_inode:"):].strip("[]")
+        else:
+            k = "file"
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def _ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+        return int(st[st.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def descendants(pid):
@@ -236,6 +298,7 @@ class Stack:
         self.cfg = os.path.join(self.tmp, "tqproxy.yaml")
         self.procs = []
         self.tq = None
+        self.tq_pid_override = None     # set by follow_pid() after `tqproxy upgrade`
         self.proxy_extra = proxy
         self.top = top
         for w, text in workers.items():
@@ -351,13 +414,42 @@ cgroups: {cg}
                     pass
         return out
 
+    def tq_pid(self):
+        """The pid of the tqproxy serving now (the upgraded one after follow_pid())."""
+        if self.tq_pid_override:
+            return self.tq_pid_override
+        return self.tq.pid if self.tq else None
+
+    def follow_pid(self, pid):
+        """After `tqproxy upgrade`: the new process (not our child) is the stack's tqproxy."""
+        self.tq_pid_override = pid
+
+    def tq_alive(self):
+        pid = self.tq_pid()
+        if pid is None:
+            return False
+        if self.tq and pid == self.tq.pid:
+            return self.tq.poll() is None
+        return pid_alive(pid)
+
     def stats(self):
-        return proc_stats(self.tq.pid) if self.tq else {}
+        pid = self.tq_pid()
+        return proc_stats(pid) if pid else {}
 
     def instance_pids(self):
-        return descendants(self.tq.pid) if self.tq and self.tq.poll() is None else []
+        return descendants(self.tq_pid()) if self.tq_alive() else []
 
     def stop(self):
+        pid = self.tq_pid_override
+        if pid and (not self.tq or pid != self.tq.pid) and pid_alive(pid):
+            # An upgraded tqproxy: not our child, so signal it and poll /proc until it is gone.
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(pid):
+                log(f"  pid {pid} did not stop within 30 s: SIGKILL")
+                os.kill(pid, signal.SIGKILL)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -387,6 +479,65 @@ cgroups: {cg}
                 out.append(f"{len(cg)} cgroups ({cg[0]}...)")
         return out
 
+    def running_leaks(self):
+        """While tqproxy runs (after the faults, once settled): what it holds for instances that
+        are no longer alive, as a list of strings (goal: empty). Compares /status.json's live
+        instances with tqproxy's descendants (extra or zombie processes), the listening ports in
+        the worker port block, the instance cgroups under <base>/<tqproxy pid>/, and tqproxy's
+        fds: files under logs/ (one per worker: logs/<worker>.log, rotated files closed), pipes
+        (stdout + stderr per live instance) and pidfds (one per live instance)."""
+        out = []
+        pid = self.tq_pid()
+        st = self.status()
+        if not st or not pid:
+            return ["tqproxy did not answer /status.json"]
+        live = [i for w in st["workers"] for i in w["instances"] if i.get("state") != "exited" and i.get("pid")]
+        live_pids = {i["pid"] for i in live}
+        live_ports = {i["port"] for i in live if i.get("port")}
+        desc = descendants(pid)
+        zombies = [d for d in desc if not pid_alive(d)]
+        if zombies:
+            out.append(f"{len(zombies)} zombie children ({', '.join(map(str, zombies[:8]))})")
+        # An instance's own children (a sandbox helper, a forked child) are not in the status:
+        # count only tqproxy's direct children that are not a live instance.
+        direct = [d for d in desc if pid_alive(d) and _ppid(d) == pid]
+        extra = [d for d in direct if d not in live_pids]
+        if extra:
+            out.append(f"{len(extra)} child processes not in the status ({', '.join(map(str, extra[:8]))})")
+        ports = listening_ports(self.lo, self.hi) - live_ports
+        if ports:
+            out.append(f"{len(ports)} listening worker ports of no live instance ({', '.join(map(str, sorted(ports)[:8]))})")
+        if self.cgroups != "off":
+            names = {os.path.basename(i["cgroup"]) for w in st["workers"] for i in w["instances"]
+                     if i.get("state") != "exited" and i.get("cgroup")}
+            stale = set()
+            for d in cgroup_dirs(self.cg_base):
+                base = os.path.join(d, str(pid))
+                try:
+                    for n in os.listdir(base):
+                        if os.path.isdir(os.path.join(base, n)) and n not in names:
+                            stale.add(n)
+                except OSError:
+                    pass
+            if stale:
+                out.append(f"{len(stale)} instance cgroups of no live instance ({', '.join(sorted(stale)[:6])})")
+        fds = fd_targets(pid)
+        logs = os.path.join(self.tmp, "logs") + "/"
+        log_fds = [t for t in fds.values() if t.startswith(logs)]
+        workers = {os.path.join(self.tmp, "logs", w["name"] + ".log") for w in st["workers"]}
+        # logs/tqproxy.log is an upgraded tqproxy's own stdout/stderr (`tqproxy upgrade`).
+        log_fds = [t for t in log_fds if t != os.path.join(self.tmp, "logs", "tqproxy.log")]
+        bad_logs = [t for t in log_fds if t not in workers]
+        dup = len(log_fds) - len(set(log_fds))
+        if bad_logs or dup:
+            out.append(f"{len(bad_logs) + dup} log handles beyond one per worker ({', '.join(sorted(set(bad_logs))[:4])})")
+        kinds = fd_kinds(pid)
+        if kinds.get("pidfd", 0) > len(live):
+            out.append(f"{kinds['pidfd']} pidfds for {len(live)} live instances")
+        if kinds.get("pipe", 0) > 2 * len(live) + 2:
+            out.append(f"{kinds['pipe']} pipes for {len(live)} live instances (2 each expected)")
+        return out
+
     def cleanup(self):
         """Kills what leaks() found (by pid), removes the cgroup base and the temp dir."""
         for p in pids_with_cmdline_containing(self.tmp):
@@ -411,6 +562,26 @@ cgroups: {cg}
         self.stop()
         self.cleanup()
         return False
+
+
+def guarded(ctx, group, scenario, fn, load="-", faults="-"):
+    """Runs fn() -> Row (or list of Rows); an exception becomes one failed row that carries the
+    traceback's last line (the group goes on with its next scenario). Each row is emitted."""
+    import traceback
+    t0 = time.monotonic()
+    try:
+        rows = fn()
+    except Exception as e:  # noqa: BLE001 - one scenario's failure must not stop the others
+        tb = traceback.format_exc().strip().splitlines()
+        rows = Row(group, scenario, load, faults, ok=False, lost="unknown (the scenario failed)",
+                   goal="the scenario runs", notes=f"scenario failed: {tb[-1] if tb else e!r}")
+        log("  " + "\n  ".join(tb[-6:]))
+    rows = rows if isinstance(rows, list) else [rows]
+    for r in rows:
+        if not r.duration_s:
+            r.duration_s = time.monotonic() - t0
+        ctx.emit(r)
+    return rows
 
 
 def worker_yaml(command, instances=1, routes=("/",), env=None, extra="", health="/health"):
@@ -576,6 +747,8 @@ class Row:
     reproduce: str = ""         # the command that reproduces this row
     notes: str = ""             # anything else a reader needs (figures beyond the columns)
     duration_s: float = 0.0
+    ci_fatal: bool = True       # with --ci, a missed goal fails the run (False: a figure, e.g. a p99
+                                # ratio on a shared machine, that is reported but does not fail CI)
 
     def ratio99(self):
         if self.base_p99_ms and self.base_p99_ms == self.base_p99_ms and self.p99_ms == self.p99_ms:
@@ -627,3 +800,76 @@ class Sampler:
     def max(self, key):
         vals = [s[key] for s in self.samples if s.get(key) is not None]
         return max(vals) if vals else None
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers for soak-style scenarios (added for chaos, swaps, ownfaults)
+
+def baseline(port, secs, path="/", connections=16, host=None):
+    """The same load without any fault, for secs: a LoadResult (its p50/p99 are the baseline)."""
+    load = Load(port, path, connections=connections, host=host).start(settle=0)
+    try:
+        time.sleep(secs)
+    finally:
+        res = load.stop()
+    return res
+
+
+def metric_delta(m0, m1, *prefixes):
+    """{name: m1 - m0} for metrics starting with one of prefixes, non-zero only."""
+    out = {}
+    for k, v in m1.items():
+        if any(k.startswith(p) for p in prefixes):
+            d = v - m0.get(k, 0)
+            if d:
+                out[k] = d
+    return out
+
+
+def fmt_delta(d):
+    return ", ".join(f"{k.replace('tqproxy_', '')}={v:g}" for k, v in sorted(d.items())) or "none"
+
+
+def inject_leak(st):
+    """--inject-leak: a detached `sleep` that names the stack's temp dir (as a worker that forked
+    and detached would), so that st.leaks() must report it. Returns its pid."""
+    p = subprocess.Popen(["sleep", "120"], env=dict(os.environ, TQREL_LEAK=st.tmp), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log(f"  --inject-leak: left pid {p.pid} (sleep naming {st.tmp}) behind on purpose")
+    return p.pid
+
+
+def stats_ok(start, end, frac=0.10, keys=("rss_kb", "fds")):
+    """(ok, why): end within ±frac of start for each key."""
+    bad = []
+    for k in keys:
+        if not within(end.get(k), start.get(k), frac):
+            bad.append(f"{k} {start.get(k)} -> {end.get(k)}")
+    return (not bad), "; ".join(bad)
+
+
+def pct_ms(xs, q):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def reproduce(ctx, group):
+    """The command that reproduces a group's rows at the same length."""
+    return f"sudo load-tests/reliability --no-build --only {group}" + (
+        " --ci" if ctx.ci else " --quick" if ctx.quick else "")
+
+
+def cli_summary(calls):
+    """calls: [(verb, rc, seconds, message)] -> "reload 10/10 ok (median 0.8 s, max 2.1 s); ..."."""
+    import statistics
+    by = {}
+    for verb, rc, secs, msg in calls:
+        by.setdefault(verb, []).append((rc, secs, msg))
+    out = []
+    for verb, xs in by.items():
+        ok = sum(1 for rc, _, _ in xs if rc == 0)
+        d = [s for _, s, _ in xs]
+        out.append(f"{verb} {ok}/{len(xs)} exit 0 (median {statistics.median(d):.2f} s, max {max(d):.2f} s)")
+    return "; ".join(out)
