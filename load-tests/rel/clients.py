@@ -18,9 +18,10 @@ the abuse to after the abusers left (fds back to the start value, +-8 for the up
    connection <= 4 096 bytes (the engine's target), a second GET on 200 of them answered;
 4. header floods: 1 000 small headers, and one 70 000-byte header (beyond the 64 KiB head limit):
    each must get 431 (or 400) and then EOF;
-5. pipelining floods: 50 connections (SO_RCVBUF 4 KiB) each writing 10 000 pipelined GET / without
-   reading for a while: tqproxy must stop reading (RSS bounded, <= 256 KiB per connection), then,
-   when they read, every connection is answered in full or closed by tqproxy;
+5. pipelining floods: 50 connections (SO_RCVBUF 4 KiB) each writing 10 000 pipelined GET /bytes/1024
+   (256-byte requests; 10 MB of answers, more than tqproxy's socket send buffer holds) without
+   reading for 8 s: tqproxy must stop reading (anon RSS growth <= 256 KiB per connection), then,
+   when they read, every connection is answered in full or closed by tqproxy (within 90 s);
 6. a connection flood beyond max_connections (own stack, max_connections 200, victims connected
    first): 2 000 connections, one GET / each, kept open: those beyond the limit get 503 and EOF,
    the victims are unaffected, and after the flood new connections get 200 again;
@@ -38,7 +39,8 @@ the abuse to after the abusers left (fds back to the start value, +-8 for the up
    and checks byte-exact forwarding, which is its job, not this group's).
 
 Run alone: `load-tests/rel/clients.py [--quick] [--ci] [--keep] [--only 1,3] [--header-timeout S]`
-(`--header-timeout 60` shows the slowloris check failing when tqproxy does not close in time).
+(`--ci --config-header-timeout 30` shows the slowloris check failing when tqproxy does not close in
+time: tqproxy gets 30 s, the check expects 2 s).
 """
 
 import errno
@@ -286,6 +288,23 @@ def settle_rss(pid, n=3, every=0.5):
         time.sleep(every)
         out.append(anon_kb(pid))
     return out[-1]
+
+
+def tcp_queues(port):
+    """{(local port, remote port): (tx_queue, rx_queue)} of the established TCP sockets on
+    loopback that have `port` at one end, from /proc/net/tcp."""
+    out = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[3] != "01":
+                continue
+            lp, rp = int(parts[1].rsplit(":", 1)[1], 16), int(parts[2].rsplit(":", 1)[1], 16)
+            if port in (lp, rp):
+                tx, rx = (int(x, 16) for x in parts[4].split(":"))
+                out[(lp, rp)] = (tx, rx)
+    return out
 
 
 def in_flight(st):
@@ -727,9 +746,11 @@ class Group:
 
     # -- 5. pipelining floods
 
-    def pipelining(self, st, nconn, nreq, hold, drain):
-        # padded to 256 bytes: 10 000 of them (2.5 MB) are more than the kernel's buffers take
-        one = b"GET / HTTP/1.1\r\nHost: pipe\r\nX-Pad: " + b"p" * 217 + b"\r\n\r\n"
+    def pipelining(self, st, nconn, nreq, size, hold, drain):
+        # padded to 256 bytes; the answers (`size` bytes each, nreq x size > the 4 MiB tcp_wmem max)
+        # cannot all sit in tqproxy's socket send buffer, so its write side blocks
+        one = b"GET /bytes/%d HTTP/1.1\r\nHost: pipe\r\nX-Pad: " % size
+        one += b"p" * (252 - len(one)) + b"\r\n\r\n"
         assert len(one) == 256
         marker = b"HTTP/1.1 "
 
@@ -753,6 +774,15 @@ class Group:
                     time.sleep(0.1)
             rss_hold = samp.max("anon_kb") or 0
             sent_hold = sum(sent)
+            # what tqproxy has not read: still in the client's program, in its socket's send queue,
+            # or in tqproxy's receive queue; stopped = more than 64 KiB of that (its read window is 16)
+            qs = tcp_queues(st.port)
+            unread = []
+            for i, s in enumerate(cs):
+                cp = s.getsockname()[1]
+                unread.append(len(out[i]) - sent[i] + qs.get((cp, st.port), (0, 0))[0]
+                              + qs.get((st.port, cp), (0, 0))[1])
+            stopped = sum(1 for u in unread if u > 64 * KIB)
             fully_sent_hold = sum(1 for i in range(nconn) if sent[i] == len(out[i]))
             # now read: every connection must be answered in full, or closed by tqproxy
             got = [0] * nconn
@@ -795,15 +825,18 @@ class Group:
             closed_n = sum(1 for i in range(nconn) if closed[i] and got[i] < nreq)
             neither = nconn - answered - closed_n
             per = (rss_hold - start["anon_kb"]) * KIB / nconn
-            ok = neither == 0 and per <= 256 * KIB
+            ok = neither == 0 and per <= 256 * KIB and stopped == nconn
             notes = (f"while not reading ({hold:g} s): {sent_hold / nconn / 1024:.0f} KiB written per connection "
-                     f"of {len(out[0]) / 1024:.0f} KiB ({fully_sent_hold}/{nconn} wrote all), anon RSS growth "
+                     f"of {len(out[0]) / 1024:.0f} KiB ({fully_sent_hold}/{nconn} wrote all); not read by tqproxy (the "
+                     f"rest + the client's send queue + tqproxy's receive queue): a median "
+                     f"{statistics.median(unread) / 1024:.0f} KiB per connection, {stopped}/{nconn} connections "
+                     f"with > 64 KiB unread (tqproxy stopped reading); anon RSS growth "
                      f"{per / 1024:.1f} KiB per connection; then reading ({t_drain:.1f} s): {answered} answered in "
                      f"full ({sum(got)} responses), {closed_n} closed by tqproxy, {neither} neither")
             return ok, notes, None
 
-        return self.measure(st, "pipelining flood", f"{nconn} connections x {nreq} pipelined GET / "
-                            f"(SO_RCVBUF 4 KiB), not read for {hold:g} s", fn,
+        return self.measure(st, "pipelining flood", f"{nconn} connections x {nreq} pipelined GET /bytes/{size} "
+                            f"(SO_RCVBUF 4 KiB), not read for {hold:g} s, then read", fn,
                             "bounded buffering (<= 256 KiB per connection), every connection answered or closed, "
                             "victims 0 failed, p99 <= 1.5x")
 
@@ -1016,7 +1049,10 @@ class Group:
         if hard < 12000 + 1024:
             log(f"  RLIMIT_NOFILE is {hard}: fewer idle connections fit")
         T = self.header_timeout
-        proxy = (f"client_header_timeout: {T:g}s, client_keepalive_timeout: 300s, client_body_timeout: 30s, "
+        # --config-header-timeout: what tqproxy is given, when it should differ from what is checked
+        # (to see the slowloris check fail when tqproxy does not close in time)
+        Tc = getattr(self.ctx, "config_header_timeout", None) or T
+        proxy = (f"client_header_timeout: {Tc:g}s, client_keepalive_timeout: 300s, client_body_timeout: 30s, "
                  f"upstream_idle_timeout: 2s, max_connections: {MAX_CONNS}")
         n_hello = 1 if ci else 3
         log(f"  each stack: tqproxy ({proxy}), hello x{n_hello} on /, rawecho on a.test/")
@@ -1026,8 +1062,8 @@ class Group:
                 (2, lambda st: self.slow_readers(st, 200, 5 if q else 20)),
                 (3, lambda st: self.idle(st, 2000 if q else min(10000, hard - 2048))),
                 (4, lambda st: self.header_floods(st, 40 if q else 200, 3 if q else 10)),
-                (5, lambda st: self.pipelining(st, 20 if q else 50, 2000 if q else 10000, 2 if q else 8,
-                                               15 if q else 60)),
+                (5, lambda st: self.pipelining(st, 20 if q else 50, 2000 if q else 10000, 4096 if q else 1024,
+                                               2 if q else 8, 20 if q else 90)),
                 (7, lambda st: self.resets(st, 300 if q else 2000)),
                 (8, lambda st: self.smuggling(st, st.rawlog)),
             ]
@@ -1073,10 +1109,13 @@ if __name__ == "__main__":
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--only", help="comma-separated scenario numbers (1-8)")
     ap.add_argument("--header-timeout", type=float, help="tqproxy's client_header_timeout, seconds")
+    ap.add_argument("--config-header-timeout", type=float,
+                    help="give tqproxy this client_header_timeout instead, still checking --header-timeout's")
     a = ap.parse_args()
     ctx = common.Ctx(quick=a.quick or a.ci, keep=a.keep)
     ctx.ci = a.ci
     ctx.header_timeout = a.header_timeout
+    ctx.config_header_timeout = a.config_header_timeout
     ctx.only = {int(x) for x in a.only.split(",")} if a.only else None
     common.ensure_tools("wrk")
     t0 = time.monotonic()
