@@ -333,6 +333,12 @@ def case_row(ctx, st, name, route, headers, expect, n, reproduce, base):
     if (end.get("rss_kb") or 0) > (start.get("rss_kb") or 0) * 1.1 + 2048:
         leak.append(f"RSS {start.get('rss_kb')} -> {end.get('rss_kb')} KiB")
     ok = got and timely and sib.failed == 0 and not leak and up_ok
+    # Not a goal of the issue, but what an operator sees: a response cut short (by the worker or
+    # by read_timeout) after its head went out.
+    cut_seen = "" if kind != "cut" else (
+        "; the cut responses show in the metrics as an upstream error" if "upstream_errors_total" in errs else
+        "; FINDING: the cut responses count as 2xx in tqproxy_requests_total, with no "
+        "tqproxy_upstream_errors_total: the metrics do not show them")
     misses = [m for m, bad in (("the client did not get " + want, not got), ("not in time", got and not timely),
                                (f"siblings failed {sib.failed}", sib.failed),
                                ("the upstream connection was not dropped in time", not up_ok)) if bad] + leak
@@ -346,7 +352,7 @@ def case_row(ctx, st, name, route, headers, expect, n, reproduce, base):
               ok=ok, reproduce=reproduce,
               notes=(f"client got {statuses} in {secs[0]:.2f}-{secs[-1]:.2f} s (read_timeout {READ_TIMEOUT:.0f} s), "
                      f"body bytes {sorted({r['body'] for r in results})}{dropped}; tqproxy metrics for {worker}: {errs}; "
-                     f"{sib.text()}; in-flight after {infl}"
+                     f"{sib.text()}; in-flight after {infl}{cut_seen}"
                      + (f"; MISSED: {', '.join(misses)}" if misses else "")) if results else "no result",
               # a missed timing on a loaded machine is still a failure here: the timeouts are wide
               ci_fatal=True)

@@ -440,6 +440,10 @@ def log_end(st, state, cpu):
             + ", ".join(f"{f} {s / (1 << 20):.2f} MiB" for f, s in sizes.items())
             + f" (max {LOG_MAX >> 20} MiB, keep {LOG_KEEP}); tqproxy RSS max {state.get('rss_max', 0) / 1024:.1f} MiB")
     held = (lines > 0 and len(files) <= LOG_KEEP + 1 and all(s <= LOG_MAX for s in sizes.values()))
+    if cpu.cores["tqproxy"] > 3 * max(cpu.cores["A"], 0.01):
+        note += (f"; FINDING: copying A's output costs tqproxy {cpu.cores['tqproxy']:.2f} cores against A's own "
+                 f"{cpu.cores['A']:.2f} (outside A's cpu quota; the pump runs on the supervisor's thread, "
+                 f"which also answers /healthz and runs the health checks)")
     return note, held
 
 
