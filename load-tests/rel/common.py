@@ -71,6 +71,8 @@ class Ctx:
 # ports
 
 _USED = set()
+STACKS = []     # every Stack and Load made in this process, for the runner's last-resort cleanup
+LOADS = []
 
 
 def port_free(p):
@@ -96,7 +98,7 @@ def free_port():
 
 def port_block(n):
     for _ in range(10000):
-        lo = random.randint(33000, 60000 - n)
+        lo = random.randint(10000, 19999 - n)  # below ip_local_port_range (32768-60999)
         if all(p not in _USED and port_free(p) for p in range(lo, lo + n)):
             _USED.update(range(lo, lo + n))
             return lo, lo + n - 1
@@ -116,6 +118,41 @@ def listening_ports(lo, hi):
                         port = int(parts[1].rsplit(":", 1)[1], 16)
                         if lo <= port <= hi:
                             out.add(port)
+        except OSError:
+            pass
+    return out
+
+
+def port_holders(ports):
+    """{port: [pids]} of the processes holding a listening TCP socket on each of ports (127.0.0.1
+    or any address), found by socket inode in /proc/*/fd."""
+    inodes = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[3] == "0A":
+                        port = int(parts[1].rsplit(":", 1)[1], 16)
+                        if port in ports:
+                            inodes[f"socket:[{parts[9]}]"] = port
+        except OSError:
+            pass
+    out = {}
+    if not inodes:
+        return out
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{d}/fd"):
+                try:
+                    t = os.readlink(f"/proc/{d}/fd/{fd}")
+                except OSError:
+                    continue
+                if t in inodes:
+                    out.setdefault(inodes[t], []).append(int(d))
         except OSError:
             pass
     return out
@@ -301,6 +338,7 @@ class Stack:
         self.tq_pid_override = None     # set by follow_pid() after `tqproxy upgrade`
         self.proxy_extra = proxy
         self.top = top
+        STACKS.append(self)
         for w, text in workers.items():
             self.write_worker(w, text)
         self.write_config()
@@ -467,10 +505,10 @@ cgroups: {cg}
         stack's worker port block, and instance cgroups under the stack's base."""
         out = []
         time.sleep(0.2)
-        pids = [p for p in pids_with_cmdline_containing(self.tmp)]
+        pids = sorted(set(pids_with_cmdline_containing(self.tmp)) | set(self.instance_like_pids()))
         if pids:
             out.append(f"{len(pids)} processes ({', '.join(map(str, pids[:8]))})")
-        ports = listening_ports(self.lo, self.hi) | (listening_ports(self.port, self.port))
+        ports = self.own_ports(listening_ports(self.lo, self.hi) | (listening_ports(self.port, self.port)))
         if ports:
             out.append(f"{len(ports)} listening ports ({', '.join(map(str, sorted(ports)[:8]))})")
         if self.cgroups != "off":
@@ -478,6 +516,49 @@ cgroups: {cg}
             if cg:
                 out.append(f"{len(cg)} cgroups ({cg[0]}...)")
         return out
+
+    def is_ours(self, pid):
+        """pid belongs to this stack: names the temp dir (command line or environment), sits in one
+        of the stack's cgroups, or is a worker instance (WORKER_NAME set) given a port of the
+        stack's block (PORT in [lo, hi]) — an instance's command line names neither."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().decode(errors="replace")
+        except OSError:
+            return False
+        if self.tmp in cmd or self.tmp in env:
+            return True
+        if self.cgroups != "off":
+            try:
+                with open(f"/proc/{pid}/cgroup") as f:
+                    if f"/{self.cg_base}/" in f.read():
+                        return True
+            except OSError:
+                pass
+        vars_ = dict(kv.split("=", 1) for kv in env.split("\0") if "=" in kv)
+        port = vars_.get("WORKER_PORT") or vars_.get("PORT")
+        return "WORKER_NAME" in vars_ and bool(port and port.isdigit() and self.lo <= int(port) <= self.hi)
+
+    def instance_like_pids(self):
+        """Live processes (not tqproxy itself) that is_ours() claims."""
+        me, tq = os.getpid(), self.tq_pid()
+        out = []
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) not in (me, tq) and pid_alive(int(d)) and self.is_ours(int(d)):
+                out.append(int(d))
+        return out
+
+    def own_ports(self, ports):
+        """The ports of `ports` whose listening socket is held by a process of this stack (or by no
+        process found: reported too). Another stack's instances may listen inside this block: a
+        concurrent run (other people's tests) picks its block without knowing ours."""
+        if not ports:
+            return set()
+        holders = port_holders(ports)
+        return {p for p in ports if not holders.get(p) or any(self.is_ours(h) or h == self.tq_pid()
+                                                             for h in holders[p])}
 
     def running_leaks(self):
         """While tqproxy runs (after the faults, once settled): what it holds for instances that
@@ -504,7 +585,7 @@ cgroups: {cg}
         extra = [d for d in direct if d not in live_pids]
         if extra:
             out.append(f"{len(extra)} child processes not in the status ({', '.join(map(str, extra[:8]))})")
-        ports = listening_ports(self.lo, self.hi) - live_ports
+        ports = self.own_ports(listening_ports(self.lo, self.hi) - live_ports)
         if ports:
             out.append(f"{len(ports)} listening worker ports of no live instance ({', '.join(map(str, sorted(ports)[:8]))})")
         if self.cgroups != "off":
@@ -540,7 +621,7 @@ cgroups: {cg}
 
     def cleanup(self):
         """Kills what leaks() found (by pid), removes the cgroup base and the temp dir."""
-        for p in pids_with_cmdline_containing(self.tmp):
+        for p in set(pids_with_cmdline_containing(self.tmp)) | set(self.instance_like_pids()):
             try:
                 os.kill(p, signal.SIGKILL)
             except OSError:
@@ -686,6 +767,7 @@ class Load:
         cmd.append(self.url)
         with open(self.out, "wb") as f:
             self.p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        LOADS.append(self)
         time.sleep(settle)
         return self
 
@@ -873,3 +955,27 @@ def cli_summary(calls):
         d = [s for _, s, _ in xs]
         out.append(f"{verb} {ok}/{len(xs)} exit 0 (median {statistics.median(d):.2f} s, max {max(d):.2f} s)")
     return "; ".join(out)
+
+
+def cleanup_all():
+    """Last resort (the runner's finally): stops every wrk and Stack this process started that is
+    still there, unmounts what is mounted under a stack's temp dir, removes the temp dirs."""
+    for ld in LOADS:
+        if ld.p and ld.p.poll() is None:
+            ld.p.kill()
+            ld.p.wait()
+    for st in STACKS:
+        if not os.path.exists(st.tmp):
+            continue
+        try:
+            st.stop()
+        except Exception as e:  # noqa: BLE001
+            log(f"  cleanup: stopping {st.tmp}: {e}")
+        try:
+            with open("/proc/self/mounts") as f:
+                mnts = [ln.split()[1] for ln in f if ln.split()[1].startswith(st.tmp + "/")]
+        except OSError:
+            mnts = []
+        for m in sorted(mnts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        st.cleanup()

@@ -44,6 +44,11 @@ def storm(ctx, name, n, bluegreen, step):
         load = Load(st.port, "/", connections=CONNS).start(settle=2)
         t_storm = time.monotonic()
         try:
+            cold = st.stats()
+            if step is not upgrade_step:
+                # Warm-up: one restart (the first swap starts tokio's blocking threads once).
+                run_cli(st, [], "restart", "hello")
+                time.sleep(1)
             row.start = st.stats()
             m0 = st.metrics()
             deadline = time.monotonic() + ctx.secs(1800, 300, ci=120)
@@ -87,7 +92,8 @@ def storm(ctx, name, n, bluegreen, step):
     notes = [f"{done}/{n} swaps in {t_storm:.0f} s; commands: {cli_summary(calls)}",
              f"tqproxy pid {first_pid} → {final_pid} (counters restart with each process: no metrics delta)"
              if final_pid != first_pid else "",
-             f"end is 3 s after the load stopped: {fmt_stats(row.end)}",
+             f"start after a warm-up under load" + (" and one restart" if step is not upgrade_step else "")
+             + f" (before: {fmt_stats(cold)}); end is 3 s after the load stopped: {fmt_stats(row.end)}",
              f"metrics during the storm: {fmt_delta(d)}" if d else "",
              f"wrk: {res.summary()}"]
     if bad:
