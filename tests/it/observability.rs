@@ -179,6 +179,52 @@ fn the_admin_listener_defaults_to_loopback_8090_and_stays_on_loopback() {
     assert!(e.contains("control.admin") && e.contains("loopback"), "{e}");
 }
 
+/// A response the worker breaks off after its head went out reaches the client truncated (and
+/// closed); it is counted under its status, and as an upstream error, so that a dashboard of
+/// errors shows it.
+#[test]
+fn a_response_cut_mid_body_counts_as_an_upstream_error() {
+    use std::io::{Read, Write};
+    let (mut env, admin) = env_with_admin(&[WorkerDef::rawecho("w", "[\"/\"]", "")], "");
+    env.start();
+    let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b";
+    let hex: String = reply.iter().map(|b| format!("{b:02x}")).collect();
+    let mut s = std::net::TcpStream::connect(env.listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Rawecho-Reply: {hex}\r\nX-Rawecho-Close: 1\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .expect("tqproxy closes the truncated response");
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(got.ends_with("\r\n\r\nonly ten b"), "{got}");
+
+    let m = wait_metrics(admin, "the cut response counted", |m| {
+        m.get(
+            "tqproxy_requests_total",
+            &[("worker", "w"), ("code", "2xx")],
+        ) == Some(1.0)
+    });
+    assert_eq!(
+        m.v(
+            "tqproxy_upstream_errors_total",
+            &[("worker", "w"), ("kind", "closed")]
+        ),
+        1.0,
+        "the worker closed mid-body"
+    );
+    assert_eq!(
+        m.sum("tqproxy_upstream_errors_total", &[("worker", "w")]),
+        1.0
+    );
+    // No retry: the head had gone out.
+    assert_eq!(m.v("tqproxy_retries_total", &[("worker", "w")]), 0.0);
+}
+
 #[test]
 fn request_counters_move_exactly_by_worker_and_status_class() {
     let (mut env, admin) = env_with_admin(

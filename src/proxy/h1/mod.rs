@@ -48,7 +48,7 @@ use self::pool::Upstream;
 use super::h2::H2Proxy;
 use super::policy::{self, ErrorPage, Failure, Policy};
 use crate::access_log::Record;
-use crate::metrics::METRICS;
+use crate::metrics::{METRICS, UpstreamErrorKind};
 use crate::routes::{Backend, Instance, Route};
 
 /// The engine's settings (the `proxy:` section).
@@ -787,7 +787,7 @@ impl Conn {
                     inst.release(false);
                     let stale = pooled && failure == Failure::Refused;
                     backend.shared.metrics.upstream_error(if stale {
-                        crate::metrics::UpstreamErrorKind::Closed
+                        UpstreamErrorKind::Closed
                     } else {
                         failure.kind()
                     });
@@ -1379,6 +1379,9 @@ impl Conn {
         let mut head: &[u8] = scratch;
         let mut complete = framing == Framing::None;
         let mut upstream_ok = true;
+        // How the worker broke off a response already started, if it did: the client got a
+        // truncated answer, counted as an upstream error besides its status.
+        let mut cut = None;
         loop {
             let avail = upbuf.filled();
             if let Some(p) = plain.as_mut() {
@@ -1389,6 +1392,7 @@ impl Conn {
                 Ok(v) => v,
                 Err(why) => {
                     tracing::warn!(worker = %backend.worker, instance = inst.id, why, "malformed response body");
+                    cut = Some(UpstreamErrorKind::Other);
                     upstream_ok = false;
                     break;
                 }
@@ -1417,11 +1421,20 @@ impl Conn {
             match within(timer, deadline, read_into(&mut up, &mut upbuf)).await {
                 Some(Ok(0)) => {
                     complete = framing == Framing::Close;
+                    if !complete {
+                        cut = Some(UpstreamErrorKind::Closed);
+                    }
                     upstream_ok = false;
                     break;
                 }
                 Some(Ok(_)) => {}
-                Some(Err(_)) | None => {
+                Some(Err(_)) => {
+                    cut = Some(UpstreamErrorKind::Reset);
+                    upstream_ok = false;
+                    break;
+                }
+                None => {
+                    cut = Some(UpstreamErrorKind::Timeout);
                     upstream_ok = false;
                     break;
                 }
@@ -1435,6 +1448,9 @@ impl Conn {
             };
         }
         let _ = within(timer, body_timeout, io.flush()).await;
+        if let Some(kind) = cut {
+            backend.shared.metrics.upstream_error(kind);
+        }
         let now = Instant::now();
         e.ended = Some(now);
         if complete && upstream_ok && resp.reusable && body_done && upbuf.is_empty() {
