@@ -198,6 +198,8 @@ def soak(ctx):
                     f"c/r/w/t {'/'.join(map(str, res.socket_errors))})")
     lost += leaks
     row.lost = "; ".join(lost) or "nothing"
+    if idle_grew:
+        row.lost += f" (goal missed: tqproxy grew more than 10 %: {', '.join(idle_grew)})"
     row.ok = not res.failed and not leaks and not idle_grew
     d = metric_delta(m0, m1, "tqproxy_retries_total", "tqproxy_upstream_errors_total", "tqproxy_requests_total",
                      "tqproxy_worker_restarts_total", "tqproxy_unrouted")
