@@ -327,6 +327,13 @@ class Stack:
         self.name = name
         self.tmp = tempfile.mkdtemp(prefix=f"tqrel-{name}-")
         self.keep = keep
+        self.tq = None
+        self.tq_pid_override = None
+        self.procs = []
+        self.cgroups = "off"
+        self.cg_base = "tqrel-none"
+        self.lo = self.hi = self.port = self.admin = 0
+        STACKS.append(self)     # registered at once: an exception below still leaves a dir to remove
         self.port = free_port()
         self.admin = free_port()
         self.lo, self.hi = port_block(ports)
@@ -338,7 +345,6 @@ class Stack:
         self.tq_pid_override = None     # set by follow_pid() after `tqproxy upgrade`
         self.proxy_extra = proxy
         self.top = top
-        STACKS.append(self)
         for w, text in workers.items():
             self.write_worker(w, text)
         self.write_config()
