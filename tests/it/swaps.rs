@@ -32,6 +32,14 @@ fn pids(env: &Env, worker: &str) -> BTreeSet<u32> {
     env.instances(worker).iter().filter_map(|i| i.pid).collect()
 }
 
+fn routed_pids(env: &Env, worker: &str) -> BTreeSet<u32> {
+    env.instances(worker)
+        .iter()
+        .filter(|i| i.routed)
+        .filter_map(|i| i.pid)
+        .collect()
+}
+
 /// Every process of this test's worker still alive (instances and anything they started).
 fn live_processes(worker: &str) -> usize {
     processes_with_env(&format!("TQ_TEST_MARK={}", mark(worker))).len()
@@ -133,7 +141,8 @@ fn five_bluegreen_deploys_and_rollbacks_under_load() {
     let load = Load::start(env.listen, "/", 8);
     load.wait_progress(100);
     for round in 0..5 {
-        let old_pids = pids(&env, "w");
+        // The routed ones: the previous round's rolled-back generation may still be draining.
+        let old_pids = routed_pids(&env, "w");
         let old_gen = env.worker("w").generation;
         env.write_worker(&versioned("w", 2, &format!("green{round}"), bg));
         let out = env.ok(&["deploy", "w"]);
