@@ -39,16 +39,21 @@ impl Config {
                 message: format!("cannot read: {e}"),
             }])
         })?;
+        Config::from_text(&file, &text)
+    }
+
+    /// Validates `text` as the global file `path` (which need not exist: it names the file in
+    /// errors and is the directory relative paths resolve against). Reads what the file points
+    /// at, as [`Config::load`] does: the workers under `workers_dir`, TLS certificates.
+    pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let file = absolute(path);
         let mut errors = Vec::new();
-        let raw: RawGlobal = match parse_yaml(&file, &text) {
+        let raw: RawGlobal = match parse_yaml(&file, text) {
             Ok(r) => r,
             Err(e) => return Err(ConfigErrors(vec![e])),
         };
         let dir = file.parent().unwrap_or(Path::new("/")).to_path_buf();
-        let ctx = Ctx {
-            file: &file,
-            text: &text,
-        };
+        let ctx = Ctx { file: &file, text };
 
         let mut listen = Vec::new();
         let mut listeners = Vec::new();
@@ -198,16 +203,7 @@ impl Config {
             }
         }
 
-        let d = &raw.defaults;
-        let defaults = Defaults {
-            instances: d.instances.unwrap_or(1),
-            drain_timeout: d.drain_timeout.map_or(Duration::from_secs(30), |x| x.0),
-            stop_timeout: d.stop_timeout.map_or(Duration::from_secs(10), |x| x.0),
-            queue_timeout: d.queue_timeout.map_or(Duration::from_secs(5), |x| x.0),
-            start_timeout: d.start_timeout.map_or(Duration::from_secs(30), |x| x.0),
-            connect_timeout: d.connect_timeout.map_or(Duration::from_secs(2), |x| x.0),
-            read_timeout: d.read_timeout.map_or(Duration::from_secs(60), |x| x.0),
-        };
+        let defaults = Defaults::of(&raw.defaults);
         if defaults.instances == 0 {
             errors.push(ctx.err(
                 &["defaults", "instances"],
@@ -411,8 +407,14 @@ impl Config {
         let file = absolute(path);
         let text = std::fs::read_to_string(&file)
             .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+        Config::control_socket_from_text(&file, &text)
+    }
+
+    /// [`Config::control_socket_of`] for the text of the global file `path`.
+    pub fn control_socket_from_text(path: &Path, text: &str) -> Result<PathBuf, String> {
+        let file = absolute(path);
         let value: serde_yaml::Value =
-            serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            serde_yaml::from_str(text).map_err(|e| format!("{}: {e}", file.display()))?;
         let dir = file.parent().unwrap_or(Path::new("/"));
         let socket = value
             .get("control")

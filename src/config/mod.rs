@@ -35,6 +35,7 @@ pub use load::*;
 use locate::*;
 use raw::*;
 pub use units::*;
+pub use worker::RESERVED_ENV;
 use worker::*;
 
 /// A configuration error: which file, which line (when known), which key, and what is wrong.
@@ -531,6 +532,32 @@ mod tests {
         assert_eq!(locate(t, &["nothing"], None), None);
         let flow = "resources: { memory: 256M, cpu: 1.0 }\n";
         assert_eq!(locate(flow, &["resources", "cpu"], None), Some(1));
+    }
+
+    #[test]
+    fn from_text_is_load_without_the_read() {
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join("conf/tqproxy.yaml");
+        let wdir = d.path().join("workers/a");
+        std::fs::create_dir_all(conf.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(&wdir).unwrap();
+        let global = "listen: [\"127.0.0.1:18080\"]\ndefaults: { instances: 2 }\n";
+        let worker = "command: [\"/bin/true\"]\nroutes: [\"/x/\"]\n";
+        std::fs::write(&conf, global).unwrap();
+        std::fs::write(wdir.join("worker.yaml"), worker).unwrap();
+        let loaded = Config::load(&conf).unwrap();
+        let parsed = Config::from_text(&conf, global).unwrap();
+        assert_eq!(format!("{loaded:?}"), format!("{parsed:?}"));
+        // A worker on its own gets the built-in defaults, not the global file's.
+        let w = WorkerConfig::from_text(&wdir, worker).unwrap().unwrap();
+        assert_eq!(w.instances, 1);
+        assert_eq!(*loaded.workers["a"], WorkerConfig { instances: 2, ..w });
+        let e = WorkerConfig::from_text(&wdir, "command: []\n").unwrap_err();
+        assert_eq!(e.0[0].file, wdir.join("worker.yaml"));
+        assert_eq!(
+            Config::control_socket_from_text(&conf, global),
+            Ok(d.path().join("run/tqproxy.sock"))
+        );
     }
 
     #[test]

@@ -12,15 +12,37 @@ pub(super) struct Defaults {
     pub(super) read_timeout: Duration,
 }
 
+impl Defaults {
+    /// The global file's `defaults:` section, with tqproxy's own defaults where it is silent.
+    pub(super) fn of(d: &RawDefaults) -> Defaults {
+        Defaults {
+            instances: d.instances.unwrap_or(1),
+            drain_timeout: d.drain_timeout.map_or(Duration::from_secs(30), |x| x.0),
+            stop_timeout: d.stop_timeout.map_or(Duration::from_secs(10), |x| x.0),
+            queue_timeout: d.queue_timeout.map_or(Duration::from_secs(5), |x| x.0),
+            start_timeout: d.start_timeout.map_or(Duration::from_secs(30), |x| x.0),
+            connect_timeout: d.connect_timeout.map_or(Duration::from_secs(2), |x| x.0),
+            read_timeout: d.read_timeout.map_or(Duration::from_secs(60), |x| x.0),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Validates `text` as `<dir>/worker.yaml` (`dir` made absolute; the file need not exist;
+    /// the worker's name is the directory's), with the defaults of a global file that has no
+    /// `defaults:` section. `Ok(None)`: the worker is disabled. Reads what the file points at,
+    /// as loading does: the program, `cwd`, the users, the sandbox paths, the block device.
+    pub fn from_text(dir: &Path, text: &str) -> Result<Option<WorkerConfig>, ConfigErrors> {
+        let dir = absolute(dir);
+        worker_from_text(&dir, text, &Defaults::of(&RawDefaults::default())).map_err(ConfigErrors)
+    }
+}
+
 pub(super) fn load_worker(
     dir: &Path,
     defaults: &Defaults,
 ) -> Result<Option<WorkerConfig>, Vec<ConfigError>> {
     let file = dir.join("worker.yaml");
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let text = std::fs::read_to_string(&file).map_err(|e| {
         vec![ConfigError {
             file: file.clone(),
@@ -29,14 +51,24 @@ pub(super) fn load_worker(
             message: format!("cannot read: {e}"),
         }]
     })?;
-    let raw: RawWorker = parse_yaml(&file, &text).map_err(|e| vec![e])?;
+    worker_from_text(dir, &text, defaults)
+}
+
+fn worker_from_text(
+    dir: &Path,
+    text: &str,
+    defaults: &Defaults,
+) -> Result<Option<WorkerConfig>, Vec<ConfigError>> {
+    let file = dir.join("worker.yaml");
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let raw: RawWorker = parse_yaml(&file, text).map_err(|e| vec![e])?;
     if !raw.enabled {
         return Ok(None);
     }
-    let ctx = Ctx {
-        file: &file,
-        text: &text,
-    };
+    let ctx = Ctx { file: &file, text };
     let mut errors = Vec::new();
     if let Err(m) = validate_name(&name) {
         errors.push(ctx.err(&[], None, "", format!("directory name: {m}")));
