@@ -46,15 +46,17 @@ pub(super) fn parse_yaml<T: serde::de::DeserializeOwned>(
             .map(|k| k.split('[').next().unwrap_or(k))
             .filter(|k| !k.is_empty() && *k != "?")
             .collect();
-        let line = locate(text, &keys, None).or_else(|| inner.location().map(|l| l.line()));
+        // libyaml puts the end of a text without a final line break one line further down,
+        // on a line the file does not have: that is the last line.
+        let line = locate(text, &keys, None).or_else(|| {
+            inner
+                .location()
+                .map(|l| l.line().min(yaml_line_count(text)))
+        });
         let mut message = inner.to_string();
-        // serde_yaml appends " at line L column C" and prefixes the path; we report both
-        // ourselves, so strip them.
-        if let Some(i) = message.rfind(" at line ")
-            && !message[i..].contains(", ")
-        {
-            message.truncate(i);
-        }
+        // serde_yaml adds " at line L column C" (at the end, or before libyaml's ", while …")
+        // and prefixes the path; we report both ourselves, so strip them.
+        strip_position(&mut message);
         for prefix in [format!("{path}: "), format!("{}: ", parent_path(&path))] {
             if let Some(rest) = message.strip_prefix(&prefix) {
                 message = rest.to_string();
@@ -68,6 +70,44 @@ pub(super) fn parse_yaml<T: serde::de::DeserializeOwned>(
             message,
         }
     })
+}
+
+/// Removes every " at line L column C" from `message` that ends it or is followed by ", "
+/// (libyaml's syntax errors give two: the problem's and its context's).
+fn strip_position(message: &mut String) {
+    let digits = |s: &str| s.bytes().take_while(u8::is_ascii_digit).count();
+    let mut before = message.len();
+    while let Some(i) = message[..before].rfind(" at line ") {
+        before = i;
+        let rest = &message[i + " at line ".len()..];
+        let l = digits(rest);
+        let Some(after) = rest[l..].strip_prefix(" column ") else {
+            continue;
+        };
+        let c = digits(after);
+        let end = message.len() - after.len() + c;
+        if l > 0 && c > 0 && (end == message.len() || message[end..].starts_with(", ")) {
+            message.replace_range(i..end, "");
+        }
+    }
+}
+
+/// The lines of `text` as libyaml counts them: CR LF, CR, LF, NEL, LS and PS end a line; the
+/// last line may be empty.
+fn yaml_line_count(text: &str) -> usize {
+    let mut n = 1;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => {
+                chars.next_if_eq(&'\n');
+                n += 1;
+            }
+            '\n' | '\u{85}' | '\u{2028}' | '\u{2029}' => n += 1,
+            _ => {}
+        }
+    }
+    n
 }
 
 pub(super) fn parent_path(path: &str) -> &str {

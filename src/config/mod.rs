@@ -535,6 +535,33 @@ mod tests {
     }
 
     #[test]
+    fn a_syntax_error_at_the_end_names_the_last_line() {
+        // Found by fuzz/ (worker_yaml, tqproxy_yaml): libyaml puts the end of a text without
+        // a final newline on the line after it.
+        let file = Path::new("/w/worker.yaml");
+        for (text, line, message) in [
+            (
+                "listen: [\"1\"]\ncontro.admin",
+                2,
+                "could not find expected ':', while scanning a simple key",
+            ),
+            (
+                "listen: [\"1\"]\ncontro.admin\n",
+                3,
+                "could not find expected ':'",
+            ),
+            ("listen: []\r\rb", 3, "could not find expected ':'"),
+        ] {
+            let e = parse_yaml::<RawGlobal>(file, text).unwrap_err();
+            assert_eq!(e.line, Some(line), "{text:?}: {e}");
+            assert!(e.message.starts_with(message), "{text:?}: {e}");
+            assert!(!e.message.contains("at line"), "{text:?}: {e}");
+        }
+        let e = parse_yaml::<RawWorker>(file, "# nothing").unwrap_err();
+        assert_eq!(e.to_string(), "/w/worker.yaml:1: missing field `command`");
+    }
+
+    #[test]
     fn from_text_is_load_without_the_read() {
         let d = tempfile::tempdir().unwrap();
         let conf = d.path().join("conf/tqproxy.yaml");
