@@ -416,12 +416,20 @@ impl Config {
         let value: serde_yaml::Value =
             serde_yaml::from_str(text).map_err(|e| format!("{}: {e}", file.display()))?;
         let dir = file.parent().unwrap_or(Path::new("/"));
-        let socket = value
-            .get("control")
-            .and_then(|c| c.get("socket"))
-            .and_then(|s| s.as_str())
-            .unwrap_or("../run/tqproxy.sock");
-        Ok(resolve(dir, socket))
+        // Read as the server reads it (`socket: 123` is the path `123`), all else ignored;
+        // if even that fails, the server would refuse the file: take what is there.
+        let socket = match serde_yaml::from_str::<RawControlOnly>(text) {
+            Ok(c) => c.control.and_then(|c| c.socket),
+            Err(_) => value
+                .get("control")
+                .and_then(|c| c.get("socket"))
+                .and_then(|s| s.as_str())
+                .map(str::to_string),
+        };
+        Ok(resolve(
+            dir,
+            socket.as_deref().unwrap_or("../run/tqproxy.sock"),
+        ))
     }
 }
 

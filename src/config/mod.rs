@@ -562,6 +562,34 @@ mod tests {
     }
 
     #[test]
+    fn the_cli_finds_the_socket_the_server_binds() {
+        // Found by fuzz/ (tqproxy_yaml): `socket: 123` was bound as `conf/123` by the server
+        // but looked for at the default path by the CLI.
+        let file = Path::new("/etc/tq/conf/tqproxy.yaml");
+        for (text, socket) in [
+            ("control:\n  socket: 123\n", "/etc/tq/conf/123"),
+            (
+                "control: { socket: /run/t.sock, admin: off }\n",
+                "/run/t.sock",
+            ),
+            ("proxy: { threads: many }\n", "/etc/tq/run/tqproxy.sock"),
+            // Refused by the server; the CLI still reads what it can.
+            (
+                "control: { socket: a.sock, admin: [x] }\nbad: 1\n",
+                "/etc/tq/conf/a.sock",
+            ),
+            ("control: 5\n", "/etc/tq/run/tqproxy.sock"),
+        ] {
+            assert_eq!(
+                Config::control_socket_from_text(file, text),
+                Ok(PathBuf::from(socket)),
+                "{text:?}"
+            );
+        }
+        assert!(Config::control_socket_from_text(file, "control: [\n").is_err());
+    }
+
+    #[test]
     fn from_text_is_load_without_the_read() {
         let d = tempfile::tempdir().unwrap();
         let conf = d.path().join("conf/tqproxy.yaml");

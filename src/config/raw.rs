@@ -140,6 +140,17 @@ pub(super) struct RawControl {
     pub(super) admin: Option<String>,
 }
 
+/// Just `control.socket`, every other key ignored (`Config::control_socket_of`).
+#[derive(Debug, Deserialize)]
+pub(super) struct RawControlOnly {
+    pub(super) control: Option<RawSocketOnly>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RawSocketOnly {
+    pub(super) socket: Option<String>,
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDefaults {
