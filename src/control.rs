@@ -60,6 +60,49 @@ pub enum ControlResponse {
     Error { message: String },
 }
 
+/// The server's reading of one request: `line` is what came before the first `\n` (that
+/// included) or before the client closed, of which the server reads at most
+/// `MAX_REQUEST + 1` bytes. Every fault is an error message for the client, never a panic.
+pub fn parse_request(line: &[u8]) -> Result<ControlRequest, String> {
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request larger than {MAX_REQUEST} bytes"));
+    }
+    let text = std::str::from_utf8(line)
+        .map_err(|_| "cannot read request: stream did not contain valid UTF-8".to_string())?;
+    serde_json::from_str(text.trim()).map_err(|e| format!("invalid request: {e}"))
+}
+
+/// The line the client sends for `req`, `\n` included.
+pub fn encode_request(req: &ControlRequest) -> Result<Vec<u8>, String> {
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// The line the server answers with, `\n` included (an error response if `response` cannot
+/// be encoded).
+pub fn encode_response(response: &ControlResponse) -> Vec<u8> {
+    let mut out = serde_json::to_vec(response).unwrap_or_else(|e| {
+        let message = format!("cannot encode response: {e}");
+        serde_json::json!({ "type": "error", "message": message })
+            .to_string()
+            .into_bytes()
+    });
+    out.push(b'\n');
+    out
+}
+
+/// The client's reading of the server's answer: `line` is what came before the first `\n`
+/// (that included) or before the server closed.
+pub fn parse_response(line: &[u8]) -> Result<ControlResponse, String> {
+    if line.is_empty() {
+        return Err("tqproxy closed the connection without answering".to_string());
+    }
+    let text = std::str::from_utf8(line)
+        .map_err(|_| "receive: stream did not contain valid UTF-8".to_string())?;
+    serde_json::from_str::<ControlResponse>(text).map_err(|e| format!("bad response: {e}"))
+}
+
 /// Serves the control socket until the process exits.
 pub struct ControlService {
     socket: PathBuf,
@@ -191,10 +234,10 @@ impl ControlService {
     async fn handle(&self, stream: UnixStream) {
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
-        let mut line = String::new();
+        let mut line = Vec::new();
         let response = match tokio::time::timeout(
             Duration::from_secs(10),
-            reader.read_line(&mut line),
+            reader.read_until(b'\n', &mut line),
         )
         .await
         {
@@ -204,21 +247,12 @@ impl ControlService {
             Ok(Err(e)) => ControlResponse::Error {
                 message: format!("cannot read request: {e}"),
             },
-            Ok(Ok(_)) if line.len() > MAX_REQUEST => ControlResponse::Error {
-                message: format!("request larger than {MAX_REQUEST} bytes"),
-            },
-            Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(line.trim()) {
-                Err(e) => ControlResponse::Error {
-                    message: format!("invalid request: {e}"),
-                },
+            Ok(Ok(_)) => match parse_request(&line) {
+                Err(message) => ControlResponse::Error { message },
                 Ok(req) => self.dispatch(req).await,
             },
         };
-        let mut out = serde_json::to_vec(&response).unwrap_or_else(|e| {
-            format!("{{\"type\":\"error\",\"message\":\"cannot encode response: {e}\"}}")
-                .into_bytes()
-        });
-        out.push(b'\n');
+        let out = encode_response(&response);
         let _ = write.write_all(&out).await;
         let _ = write.shutdown().await;
         // Only now: the client has its answer before the process starts going away.
@@ -287,22 +321,18 @@ pub async fn call(
             )
         })?;
         let (read, mut write) = stream.into_split();
-        let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-        line.push(b'\n');
+        let line = encode_request(req)?;
         write
             .write_all(&line)
             .await
             .map_err(|e| format!("send: {e}"))?;
         let mut reader = BufReader::new(read);
-        let mut resp = String::new();
+        let mut resp = Vec::new();
         reader
-            .read_line(&mut resp)
+            .read_until(b'\n', &mut resp)
             .await
             .map_err(|e| format!("receive: {e}"))?;
-        if resp.is_empty() {
-            return Err("tqproxy closed the connection without answering".to_string());
-        }
-        serde_json::from_str::<ControlResponse>(&resp).map_err(|e| format!("bad response: {e}"))
+        parse_response(&resp)
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
@@ -351,6 +381,37 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn lines_are_parsed_as_the_socket_reads_them() {
+        assert_eq!(
+            parse_request(b"{\"cmd\":\"ping\"}\n"),
+            Ok(ControlRequest::Ping {})
+        );
+        assert!(
+            parse_request(b"\xff\xfe\n")
+                .unwrap_err()
+                .contains("cannot read request")
+        );
+        let big = vec![b' '; MAX_REQUEST + 1];
+        assert!(parse_request(&big).unwrap_err().contains("larger than"));
+        assert!(parse_request(b"").unwrap_err().contains("invalid request"));
+        let req = ControlRequest::Upgrade {
+            binary: "/usr/bin/tqproxy".into(),
+        };
+        assert_eq!(parse_request(&encode_request(&req).unwrap()), Ok(req));
+        let resp = ControlResponse::Error {
+            message: "two\nlines".into(),
+        };
+        let line = encode_response(&resp);
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(parse_response(&line), Ok(resp));
+        assert!(
+            parse_response(b"")
+                .unwrap_err()
+                .contains("without answering")
+        );
     }
 
     #[test]
