@@ -20,6 +20,7 @@
 //! | `tqproxy_reloads_total` | counter | `result` (`ok`, `failed`) |
 //! | `tqproxy_unrouted_requests_total` | counter | `reason` |
 //! | `tqproxy_access_log_dropped_total` | counter | |
+//! | `tqproxy_worker_log_dropped_total` | counter | `worker` |
 //! | `tqproxy_build_info` | gauge (always 1) | `version` |
 //! | `process_*` | the standard process metrics of tqproxy itself | |
 //!
@@ -76,6 +77,8 @@ pub struct Metrics {
     pub no_route: IntCounter,
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
+    /// Worker log lines that could not be written (a full or failing disk), by worker.
+    pub worker_log_dropped: IntCounterVec,
     pub build_info: IntGaugeVec,
     /// Workers whose gauges [`Metrics::refresh_from`] set last time.
     gauged_workers: Mutex<BTreeSet<String>>,
@@ -180,6 +183,14 @@ fn build() -> Metrics {
         "Access log lines dropped because the log writer fell behind",
     )
     .expect("metric");
+    let worker_log_dropped = IntCounterVec::new(
+        Opts::new(
+            "tqproxy_worker_log_dropped_total",
+            "Worker output lines that could not be written to the worker's log (disk full or failing)",
+        ),
+        &["worker"],
+    )
+    .expect("metric");
     let build_info = IntGaugeVec::new(
         Opts::new(
             "tqproxy_build_info",
@@ -202,6 +213,7 @@ fn build() -> Metrics {
         Box::new(reloads.clone()),
         Box::new(unrouted.clone()),
         Box::new(access_log_dropped.clone()),
+        Box::new(worker_log_dropped.clone()),
         Box::new(build_info.clone()),
         Box::new(ProcessCollector::new()),
     ] {
@@ -231,6 +243,7 @@ fn build() -> Metrics {
         unrouted,
         no_route,
         access_log_dropped,
+        worker_log_dropped,
         build_info,
         gauged_workers: Mutex::new(BTreeSet::new()),
     }

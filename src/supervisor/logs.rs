@@ -15,6 +15,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
+use prometheus::IntCounter;
+
+use crate::metrics::METRICS;
 use crate::timefmt::rfc3339_millis;
 
 /// Longest line kept; longer output is split.
@@ -49,6 +52,8 @@ impl WorkerLog {
             size,
             max_size,
             keep,
+            dropped: METRICS.worker_log_dropped.with_label_values(&[worker]),
+            failing: false,
         };
         std::thread::Builder::new()
             .name(format!("log-{worker}"))
@@ -170,6 +175,10 @@ struct Writer {
     size: u64,
     max_size: u64,
     keep: u32,
+    /// Lines that could not be written (`tqproxy_worker_log_dropped_total{worker}`).
+    dropped: IntCounter,
+    /// Writes are failing: said once in tqproxy's log, until a write succeeds again.
+    failing: bool,
 }
 
 impl Writer {
@@ -199,8 +208,24 @@ impl Writer {
         if self.max_size > 0 && self.size + line.len() as u64 > self.max_size {
             self.rotate();
         }
-        if self.out.write_all(line.as_bytes()).is_ok() {
-            self.size += line.len() as u64;
+        match self.out.write_all(line.as_bytes()) {
+            Ok(()) => {
+                self.size += line.len() as u64;
+                if self.failing {
+                    self.failing = false;
+                    tracing::info!(path = %self.path.display(), "worker log writable again");
+                }
+            }
+            // A full or failing disk: the line is dropped and counted; the worker and the
+            // proxy go on. (What the buffer already holds is written once the disk takes it.)
+            Err(e) => {
+                self.dropped.inc();
+                if !self.failing {
+                    self.failing = true;
+                    tracing::warn!(path = %self.path.display(), error = %e,
+                        "cannot write worker log: dropping lines (counted in tqproxy_worker_log_dropped_total)");
+                }
+            }
         }
     }
 
@@ -232,6 +257,28 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A disk that takes nothing (`/dev/full`): lines are dropped and counted, nothing panics.
+    #[test]
+    fn lines_that_cannot_be_written_are_counted() {
+        let file = open_append(Path::new("/dev/full")).expect("/dev/full");
+        let dropped = IntCounter::new("t_dropped", "t").unwrap();
+        let mut w = Writer {
+            path: PathBuf::from("/dev/full"),
+            out: BufWriter::with_capacity(64, file),
+            size: 0,
+            max_size: 0,
+            keep: 0,
+            dropped: dropped.clone(),
+            failing: false,
+        };
+        for i in 0..10 {
+            w.write(&format!("line {i} of forty bytes, more or less....\n"));
+        }
+        assert!(w.failing);
+        // The first line fits the 64-byte buffer; every later one needs a flush that fails.
+        assert_eq!(dropped.get(), 9);
+    }
 
     fn wait_for(path: &Path, pred: impl Fn(&str) -> bool) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
