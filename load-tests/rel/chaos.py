@@ -164,7 +164,9 @@ def soak(ctx):
             finally:
                 res = load.stop()
         m1 = st.metrics()
-        time.sleep(3)   # settle without load
+        # Settle without load, past tokio's 10 s keep-alive of idle blocking-pool threads (each
+        # holds its stack and allocator pages while it lives).
+        time.sleep(ctx.secs(12, 12, ci=3))
         row.end = st.stats()
         kinds1 = fd_kinds(st.tq_pid())
         running = st.running_leaks()
@@ -207,7 +209,7 @@ def soak(ctx):
              f"{fmt_stats(cold)}" + (f" (warm-up failures: {warm_bad})" if warm_bad else ""),
              f"tqproxy under load at the end (4 instances again, 3 s settled): {fmt_stats(end_loaded)}"
              + ("" if st_ok else f" — NOT within ±10 % of the start: {st_why}"),
-             f"end (no load, 3 s settled): {fmt_stats(row.end)}"
+             f"end (no load, {ctx.secs(12, 12, ci=3)} s settled): {fmt_stats(row.end)}"
              + (f" — GREW more than 10 %: {', '.join(idle_grew)}" if idle_grew else " (within +10 % of the start)"),
              "tqproxy during the soak at 1/4, 1/2, 3/4, end: " + " → ".join(
                  f"{s['rss_kb'] / 1024:.1f} MiB/{s['fds']} fds/{s['threads']} thr" for s in traj)

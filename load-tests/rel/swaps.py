@@ -63,7 +63,9 @@ def storm(ctx, name, n, bluegreen, step):
             m1 = st.metrics()
         finally:
             res = load.stop()
-        time.sleep(3)
+        # Settle without load, past tokio's 10 s keep-alive of idle blocking-pool threads (each
+        # holds its stack and allocator pages while it lives).
+        time.sleep(ctx.secs(12, 12, ci=3))
         row.end = st.stats()
         running = st.running_leaks()
         final_pid = st.tq_pid()
@@ -93,7 +95,7 @@ def storm(ctx, name, n, bluegreen, step):
              f"tqproxy pid {first_pid} → {final_pid} (counters restart with each process: no metrics delta)"
              if final_pid != first_pid else "",
              f"start after a warm-up under load" + (" and one restart" if step is not upgrade_step else "")
-             + f" (before: {fmt_stats(cold)}); end is 3 s after the load stopped: {fmt_stats(row.end)}",
+             + f" (before: {fmt_stats(cold)}); end is {ctx.secs(12, 12, ci=3)} s after the load stopped: {fmt_stats(row.end)}",
              f"metrics during the storm: {fmt_delta(d)}" if d else "",
              f"wrk: {res.summary()}"]
     if bad:
