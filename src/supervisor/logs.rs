@@ -24,6 +24,9 @@ use crate::timefmt::rfc3339_millis;
 const MAX_LINE: usize = 16 * 1024;
 /// Lines of recent output kept per instance.
 const TAIL_LINES: usize = 20;
+/// Lines waiting for the writer thread, per worker (at most 2 048 × 16 KiB held). A worker
+/// whose output outruns the disk loses lines, counted, rather than growing tqproxy's memory.
+const QUEUED_LINES: usize = 2048;
 
 enum Msg {
     Line(String),
@@ -34,8 +37,9 @@ enum Msg {
 /// The log of one worker. Cloning shares the writer.
 #[derive(Clone)]
 pub struct WorkerLog {
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::SyncSender<Msg>,
     path: PathBuf,
+    dropped: IntCounter,
 }
 
 impl WorkerLog {
@@ -45,20 +49,34 @@ impl WorkerLog {
         let path = dir.join(format!("{worker}.log"));
         let file = open_append(&path)?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(QUEUED_LINES);
+        let dropped = METRICS.worker_log_dropped.with_label_values(&[worker]);
         let writer = Writer {
             path: path.clone(),
             out: BufWriter::with_capacity(64 * 1024, file),
             size,
             max_size,
             keep,
-            dropped: METRICS.worker_log_dropped.with_label_values(&[worker]),
+            dropped: dropped.clone(),
             failing: false,
         };
         std::thread::Builder::new()
             .name(format!("log-{worker}"))
             .spawn(move || writer.run(rx))?;
-        Ok(WorkerLog { tx, path })
+        Ok(WorkerLog { tx, path, dropped })
+    }
+
+    /// Queues a line for the writer without waiting: `false` once the writer is gone. A full
+    /// queue drops the line (counted).
+    fn send_line(&self, line: String) -> bool {
+        match self.tx.try_send(Msg::Line(line)) {
+            Ok(()) => true,
+            Err(mpsc::TrySendError::Full(_)) => {
+                self.dropped.inc();
+                true
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => false,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -71,21 +89,33 @@ impl WorkerLog {
             "{} #{instance} tqproxy| {message}\n",
             rfc3339_millis(SystemTime::now())
         );
-        let _ = self.tx.send(Msg::Line(line));
+        self.send_line(line);
     }
 
-    /// Flushes and closes the file (the worker was removed); does not wait.
+    /// Flushes and closes the file (the worker was removed); does not wait. (With the queue
+    /// full the writer still flushes and ends once the last sender is gone.)
     pub fn close(&self) {
-        let _ = self.tx.send(Msg::Close(None));
+        let _ = self.tx.try_send(Msg::Close(None));
     }
 
     /// Flushes and closes the file, waiting (up to `timeout`) until every line sent so far is
     /// written: the last thing done before tqproxy exits.
     pub fn close_and_wait(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
         let (ack, done) = mpsc::channel();
-        if self.tx.send(Msg::Close(Some(ack))).is_ok() {
-            let _ = done.recv_timeout(timeout);
+        let mut msg = Msg::Close(Some(ack));
+        // The queue may be full: retry until the writer takes it, or the time is up.
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return,
+            }
         }
+        let _ = done.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 
     /// Copies one stream of an instance into the log until EOF, keeping the last lines in
@@ -113,7 +143,7 @@ impl WorkerLog {
                 "{} #{instance} g{generation} {which}| {text}\n",
                 rfc3339_millis(SystemTime::now())
             );
-            if self.tx.send(Msg::Line(line)).is_err() {
+            if !self.send_line(line) {
                 break;
             }
         }
@@ -257,6 +287,25 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that falls behind (here: one that never reads) bounds the queue: lines beyond
+    /// it are dropped and counted, and the pump goes on; a gone writer stops the pump.
+    #[test]
+    fn a_full_queue_drops_lines_instead_of_growing() {
+        let (tx, rx) = mpsc::sync_channel(2);
+        let dropped = IntCounter::new("t_queue_dropped", "t").unwrap();
+        let log = WorkerLog {
+            tx,
+            path: PathBuf::from("unused"),
+            dropped: dropped.clone(),
+        };
+        for i in 0..5 {
+            assert!(log.send_line(format!("line {i}\n")));
+        }
+        assert_eq!(dropped.get(), 3);
+        drop(rx);
+        assert!(!log.send_line("after\n".into()));
+    }
 
     /// A disk that takes nothing (`/dev/full`): lines are dropped and counted, nothing panics.
     #[test]
