@@ -1,4 +1,6 @@
-//! The properties the fuzz targets check, over tqproxy's own parsing code (included by path).
+//! The properties the fuzz targets check, over tqproxy's own parsing code: the HTTP/1.1
+//! engine's modules included by path (they need nothing else), the config loader and the
+//! control protocol through the tqproxy library.
 //!
 //! - `request_head`: any input either is refused with one of the engine's statuses, or is
 //!   incomplete, or parses; a parsed head, forwarded with tqproxy's edits, parses again to the
@@ -7,10 +9,24 @@
 //! - `response_head`: the same for a worker's response head and the head the client gets.
 //! - `chunked`: the validator gives the same verdict whatever the input's split; what it
 //!   accepts is a body a strict reference decoder reads the same way, data included.
+//! - `tqproxy_yaml`, `worker_yaml` (see `config.rs`): the config loader, text → validated model,
+//!   for the global file and a worker's: errors, not panics, each naming the file, with a
+//!   message and a line inside it; an accepted model holds the invariants the rest of tqproxy
+//!   relies on; validating again gives the same answer; the CLI's lenient reading of
+//!   `control.socket` finds the socket the server binds.
+//! - `control` (see `control.rs`): a control-socket line as the server reads it (a request)
+//!   and as the CLI reads it (a response): errors, not panics; what is accepted survives a
+//!   round trip through the encoders; an error goes back to the client intact.
 //!
 //! A panic (or a failed assertion) is a finding: `fuzz/run` keeps the input under
 //! `fuzz/artifacts/`; add it to `fuzz/regressions/<target>/` and it is replayed by
 //! `cargo test --manifest-path fuzz/Cargo.toml` (and by `fuzz/run` before fuzzing).
+
+mod config;
+mod control;
+
+pub use config::{tqproxy_yaml, worker_yaml};
+pub use control::control;
 
 #[path = "../../src/proxy/h1/body.rs"]
 #[allow(dead_code)]
@@ -282,6 +298,9 @@ mod tests {
             ("request_head", super::request_head as fn(&[u8])),
             ("response_head", super::response_head),
             ("chunked", super::chunked),
+            ("tqproxy_yaml", super::tqproxy_yaml),
+            ("worker_yaml", super::worker_yaml),
+            ("control", super::control),
         ] {
             let Ok(entries) = std::fs::read_dir(dir.join(target)) else {
                 continue;

@@ -1,0 +1,49 @@
+//! The control protocol's target: one line as the server reads it (a request from the CLI)
+//! and as the CLI reads it (the server's response), through tqproxy's own
+//! `control::{parse_request, parse_response}` and encoders.
+
+use tqproxy::control::{
+    ControlResponse, encode_request, encode_response, parse_request, parse_response,
+};
+
+/// A line the protocol sends: JSON, one `\n`, at its end.
+fn one_line(out: &[u8]) {
+    assert_eq!(out.last(), Some(&b'\n'));
+    assert!(
+        !out[..out.len() - 1].contains(&b'\n'),
+        "a newline inside the line"
+    );
+}
+
+/// Never a panic. A request is refused with a message the client reads back as that error;
+/// an accepted request, sent again by the CLI's encoder, is the same request. A response the
+/// CLI accepts is the same after the server's encoder, and the CLI can show it.
+pub fn control(data: &[u8]) {
+    match parse_request(data) {
+        Ok(req) => {
+            let line = encode_request(&req).expect("a parsed request encodes");
+            one_line(&line);
+            assert_eq!(parse_request(&line), Ok(req));
+        }
+        Err(message) => {
+            assert!(!message.trim().is_empty());
+            let error = ControlResponse::Error { message };
+            let out = encode_response(&error);
+            one_line(&out);
+            assert_eq!(parse_response(&out), Ok(error));
+        }
+    }
+    match parse_response(data) {
+        Ok(resp) => {
+            let out = encode_response(&resp);
+            one_line(&out);
+            assert_eq!(parse_response(&out).as_ref(), Ok(&resp));
+            // What `tqproxy status` prints (an outcome's lines are printed as they are).
+            if let ControlResponse::Status(st) = &resp {
+                let _ = st.health();
+                let _ = st.render_table();
+            }
+        }
+        Err(message) => assert!(!message.trim().is_empty()),
+    }
+}
