@@ -7,7 +7,8 @@
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -106,16 +107,64 @@ pub fn parse_response(line: &[u8]) -> Result<ControlResponse, String> {
 /// Serves the control socket until the process exits.
 pub struct ControlService {
     socket: PathBuf,
+    /// The inode of the socket file this process serves (0: none yet), for the unlink at exit.
+    socket_ino: Arc<AtomicU64>,
     supervisor: SupervisorHandle,
     stop: Arc<Notify>,
+    /// When this process last started a successor (`tqproxy upgrade`): while it may be taking
+    /// the path over, a missing socket file is not ours to create again.
+    successor_at: std::sync::Mutex<Option<Instant>>,
 }
 
+/// How often the socket file is checked, and how long after starting a successor it is left
+/// alone.
+const SOCKET_CHECK: Duration = Duration::from_secs(1);
+const HANDOVER_GRACE: Duration = Duration::from_secs(120);
+
 impl ControlService {
-    pub fn new(socket: PathBuf, supervisor: SupervisorHandle, stop: Arc<Notify>) -> ControlService {
+    pub fn new(
+        socket: PathBuf,
+        socket_ino: Arc<AtomicU64>,
+        supervisor: SupervisorHandle,
+        stop: Arc<Notify>,
+    ) -> ControlService {
         ControlService {
             socket,
+            socket_ino,
             supervisor,
             stop,
+            successor_at: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The socket file was deleted under us (a cleanup script, a `rm -rf run/`): bind it
+    /// again, so that the CLI can still reach this process. Not while a successor may be
+    /// taking the path over.
+    fn rebind_if_deleted(&self) -> Option<UnixListener> {
+        let recent = self
+            .successor_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < HANDOVER_GRACE);
+        if recent
+            || !matches!(std::fs::symlink_metadata(&self.socket),
+                         Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+        {
+            return None;
+        }
+        match bind(&self.socket).and_then(|l| UnixListener::from_std(l).map_err(|e| e.to_string()))
+        {
+            Ok(l) => {
+                if let Ok(m) = std::fs::metadata(&self.socket) {
+                    self.socket_ino.store(m.ino(), Ordering::SeqCst);
+                }
+                tracing::warn!(socket = %self.socket.display(), "control socket file was deleted: bound it again");
+                Some(l)
+            }
+            Err(e) => {
+                tracing::warn!(socket = %self.socket.display(), error = %e, "control socket file was deleted and cannot be bound again");
+                None
+            }
         }
     }
 }
@@ -203,6 +252,7 @@ impl ControlService {
             .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        *self.successor_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         tracing::info!(pid = child.id(), binary = %binary.display(), "upgrade: started the new tqproxy");
         Ok((child.id(), log_path))
     }
@@ -217,15 +267,25 @@ impl ControlService {
         };
         tracing::info!(socket = %self.socket.display(), "control socket ready");
         let me = Arc::new(self);
+        let mut listener = listener;
+        let mut check = tokio::time::interval(SOCKET_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let me = me.clone();
-                    tokio::spawn(async move { me.handle(stream).await });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "control accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let me = me.clone();
+                        tokio::spawn(async move { me.handle(stream).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = check.tick() => {
+                    if let Some(l) = me.rebind_if_deleted() {
+                        listener = l;
+                    }
                 }
             }
         }

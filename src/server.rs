@@ -228,6 +228,7 @@ pub fn run(config_path: &Path, opts: RunOptions) -> i32 {
 
     let control = ControlService::new(
         config.control_socket.clone(),
+        socket_ino.clone(),
         sup_handle.clone(),
         stop.clone(),
     );

@@ -582,3 +582,37 @@ fn client_deadlines_and_the_connection_limit() {
     );
     drop(held);
 }
+
+/// The control socket file deleted under a running tqproxy (a cleanup script, `rm -rf run/`):
+/// the CLI says clearly that it cannot reach it, serving goes on, and within a second or two
+/// tqproxy binds the socket again, so that `status` and `stop` work once more.
+#[test]
+fn a_deleted_control_socket_is_bound_again() {
+    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 1, "")]);
+    env.start();
+    std::fs::remove_file(env.socket()).unwrap();
+    let out = env.cli(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Unless the socket was already back (the check runs every second).
+    if !out.status.success() {
+        assert!(err.contains("cannot reach tqproxy"), "{err}");
+    }
+    assert_eq!(env.get("/").status, 200, "serving goes on");
+    wait_for("the socket bound again", Duration::from_secs(10), || {
+        env.cli(&["status"]).status.success().then_some(())
+    });
+    assert!(
+        env.output()
+            .contains("control socket file was deleted: bound it again")
+    );
+    // And it is the live process's: `stop` reaches it.
+    env.ok(&["stop"]);
+    assert!(
+        env.stop(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    assert!(
+        !env.socket().exists(),
+        "the re-bound socket is removed at exit"
+    );
+}
