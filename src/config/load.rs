@@ -273,7 +273,11 @@ impl Config {
         }
 
         let level = raw.log.level.clone().unwrap_or_else(|| "info".into());
-        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        // Non-ASCII is refused before tracing-subscriber parses it: its directive parser
+        // (0.3.23, filter/env/directive.rs:143-151) slices a directive at offsets into its
+        // trimmed copy, which panics on leading whitespace before a multi-byte character
+        // (found by fuzz/). Related: https://github.com/tokio-rs/tracing/issues/2452
+        if !level.is_ascii() || tracing_subscriber::EnvFilter::try_new(&level).is_err() {
             errors.push(ctx.err(
                 &["log", "level"],
                 None,

@@ -590,6 +590,22 @@ mod tests {
     }
 
     #[test]
+    fn a_log_level_that_panicked_tracing_is_refused() {
+        // Found by fuzz/ (tqproxy_yaml): EnvFilter::try_new panicked on it.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("workers")).unwrap();
+        let conf = d.path().join("conf/tqproxy.yaml");
+        for level in [" \u{2004} c:=", " é=info", "info,\u{a0}x=debug"] {
+            let text = format!("log: {{ level: \"{level}\" }}\n");
+            let e = Config::from_text(&conf, &text).unwrap_err();
+            assert!(
+                e.to_string().contains("log.level: invalid level"),
+                "{level:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn from_text_is_load_without_the_read() {
         let d = tempfile::tempdir().unwrap();
         let conf = d.path().join("conf/tqproxy.yaml");
