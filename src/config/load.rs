@@ -417,18 +417,21 @@ impl Config {
     /// [`Config::control_socket_of`] for the text of the global file `path`.
     pub fn control_socket_from_text(path: &Path, text: &str) -> Result<PathBuf, String> {
         let file = absolute(path);
-        let value: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(|e| format!("{}: {e}", file.display()))?;
         let dir = file.parent().unwrap_or(Path::new("/"));
-        // Read as the server reads it (`socket: 123` is the path `123`), all else ignored;
-        // if even that fails, the server would refuse the file: take what is there.
+        // Read as the server reads it (`socket: 123` is the path `123`; an integer too large
+        // for a YAML `Value` elsewhere is no error), all else ignored; if even that fails,
+        // the server would refuse the file: take what is there.
         let socket = match serde_yaml::from_str::<RawControlOnly>(text) {
             Ok(c) => c.control.and_then(|c| c.socket),
-            Err(_) => value
-                .get("control")
-                .and_then(|c| c.get("socket"))
-                .and_then(|s| s.as_str())
-                .map(str::to_string),
+            Err(_) => {
+                let value: serde_yaml::Value =
+                    serde_yaml::from_str(text).map_err(|e| format!("{}: {e}", file.display()))?;
+                value
+                    .get("control")
+                    .and_then(|c| c.get("socket"))
+                    .and_then(|s| s.as_str())
+                    .map(str::to_string)
+            }
         };
         Ok(resolve(
             dir,

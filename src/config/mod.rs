@@ -579,6 +579,11 @@ mod tests {
                 "/etc/tq/conf/a.sock",
             ),
             ("control: 5\n", "/etc/tq/run/tqproxy.sock"),
+            // Valid for the server (a string), too large for a YAML `Value`: was an error.
+            (
+                "logs_dir: 0x07777777777777777777777777777777\n",
+                "/etc/tq/run/tqproxy.sock",
+            ),
         ] {
             assert_eq!(
                 Config::control_socket_from_text(file, text),
