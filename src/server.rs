@@ -77,8 +77,23 @@ where
 }
 
 pub fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TQPROXY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // A non-ASCII directive can panic inside tracing-subscriber's parser (found by fuzzing
+    // `log.level`, which the config refuses): TQPROXY_LOG is held to the same rule, and a bad
+    // value falls back to the configured level with a word on stderr.
+    let from_env = std::env::var("TQPROXY_LOG").ok().and_then(|v| {
+        let parsed = v
+            .is_ascii()
+            .then(|| tracing_subscriber::EnvFilter::try_new(&v).ok())
+            .flatten();
+        if parsed.is_none() {
+            eprintln!("tqproxy: ignoring TQPROXY_LOG={v:?}: not a valid log filter");
+        }
+        parsed
+    });
+    let filter = from_env.unwrap_or_else(|| {
+        tracing_subscriber::EnvFilter::try_new(level)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
