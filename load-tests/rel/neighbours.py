@@ -508,7 +508,9 @@ def run(ctx):
     load_desc = (f"wrk -t1 -c{CONNS} keep-alive GET /b/ (hello x2), {PAUSE_MS} ms pause per connection "
                  f"between requests, {secs} s per phase")
     workers = {
-        "b": common.worker_yaml(common.HELLO, instances=2, routes=["/b"], extra="strip_prefix: true\n"),
+        # NEIGHBOURS_B_EXTRA: more worker.yaml lines for B (e.g. to compare scheduling policies).
+        "b": common.worker_yaml(common.HELLO, instances=2, routes=["/b"],
+                                extra="strip_prefix: true\n" + os.environ.get("NEIGHBOURS_B_EXTRA", "")),
         "a": common.worker_yaml(common.CHAOS, instances=1, routes=["/a"], extra=A_EXTRA),
         "n": common.worker_yaml(["python3", "noisy.py"], instances=1, routes=["/n"], health=None,
                                 extra=A_EXTRA),

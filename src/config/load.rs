@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// `log.worker_log_rate` when not set: lines per second per instance stream.
+pub const DEFAULT_WORKER_LOG_RATE: u32 = 10_000;
+
 // ---------------------------------------------------------------------------------------------
 // Loading
 // ---------------------------------------------------------------------------------------------
@@ -292,6 +295,7 @@ impl Config {
             access_format: raw.log.access_format.unwrap_or(AccessLogFormat::Combined),
             worker_log_max_size: raw.log.worker_log_max_size.map_or(64 << 20, |s| s.0),
             worker_log_keep: raw.log.worker_log_keep.unwrap_or(5),
+            worker_log_rate: raw.log.worker_log_rate.unwrap_or(DEFAULT_WORKER_LOG_RATE),
         };
         let cgroups = CgroupSettings {
             mode: raw.cgroups.mode.unwrap_or(CgroupMode::Auto),

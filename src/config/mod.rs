@@ -232,6 +232,9 @@ pub struct LogSettings {
     pub access_format: AccessLogFormat,
     pub worker_log_max_size: u64,
     pub worker_log_keep: u32,
+    /// Lines per second read from each stream of each instance (0: no limit); beyond it the
+    /// pipe fills and the worker's own writes wait.
+    pub worker_log_rate: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -187,6 +187,7 @@ pub(super) struct RawLog {
     pub(super) access_format: Option<AccessLogFormat>,
     pub(super) worker_log_max_size: Option<HumanSize>,
     pub(super) worker_log_keep: Option<u32>,
+    pub(super) worker_log_rate: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -40,11 +40,19 @@ pub struct WorkerLog {
     tx: mpsc::SyncSender<Msg>,
     path: PathBuf,
     dropped: IntCounter,
+    /// Lines per second each pump reads (0: no limit).
+    rate: u32,
 }
 
 impl WorkerLog {
     /// Opens (appending) `dir/<worker>.log` and starts its writer thread.
-    pub fn open(dir: &Path, worker: &str, max_size: u64, keep: u32) -> std::io::Result<WorkerLog> {
+    pub fn open(
+        dir: &Path,
+        worker: &str,
+        max_size: u64,
+        keep: u32,
+        rate: u32,
+    ) -> std::io::Result<WorkerLog> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{worker}.log"));
         let file = open_append(&path)?;
@@ -63,7 +71,12 @@ impl WorkerLog {
         std::thread::Builder::new()
             .name(format!("log-{worker}"))
             .spawn(move || writer.run(rx))?;
-        Ok(WorkerLog { tx, path, dropped })
+        Ok(WorkerLog {
+            tx,
+            path,
+            dropped,
+            rate,
+        })
     }
 
     /// Queues a line for the writer without waiting: `false` once the writer is gone. A full
@@ -130,7 +143,11 @@ impl WorkerLog {
     ) {
         let mut reader = BufReader::with_capacity(8 * 1024, stream);
         let mut buf = Vec::with_capacity(256);
+        let mut bucket = Bucket::new(self.rate);
         loop {
+            // Over the rate, stop reading: the pipe fills and the worker's writes wait, so a
+            // flood costs tqproxy at most `rate` lines a second, and nothing is lost.
+            bucket.take().await;
             buf.clear();
             let n = match read_line_bounded(&mut reader, &mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -146,6 +163,42 @@ impl WorkerLog {
             if !self.send_line(line) {
                 break;
             }
+        }
+    }
+}
+
+/// A token bucket of `rate` lines a second, holding at most one second of them.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Bucket {
+        Bucket {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Waits until a line may be read (at once without a limit).
+    async fn take(&mut self) {
+        if self.rate == 0.0 {
+            return;
+        }
+        loop {
+            let now = tokio::time::Instant::now();
+            let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + refill).min(self.rate);
+            self.last = now;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                return;
+            }
+            // 10 ms at a time: one timer per hundred lines at 10 000 a second.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -298,6 +351,7 @@ mod tests {
             tx,
             path: PathBuf::from("unused"),
             dropped: dropped.clone(),
+            rate: 0,
         };
         for i in 0..5 {
             assert!(log.send_line(format!("line {i}\n")));
@@ -305,6 +359,36 @@ mod tests {
         assert_eq!(dropped.get(), 3);
         drop(rx);
         assert!(!log.send_line("after\n".into()));
+    }
+
+    /// The pump's bucket lets `rate` lines a second through after a one-second burst (virtual
+    /// time: the test measures what the bucket waits, not how fast the machine is).
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_admits_a_burst_then_the_rate() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = Bucket::new(100);
+        for _ in 0..100 {
+            b.take().await;
+        }
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "the first second's lines at once"
+        );
+        for _ in 0..200 {
+            b.take().await;
+        }
+        let waited = t0.elapsed().as_secs_f64();
+        assert!(
+            (1.99..=2.02).contains(&waited),
+            "200 more lines at 100/s: {waited} s"
+        );
+        // No limit: never waits.
+        let mut free = Bucket::new(0);
+        for _ in 0..10_000 {
+            free.take().await;
+        }
+        assert_eq!(t0.elapsed().as_secs_f64(), waited);
     }
 
     /// A disk that takes nothing (`/dev/full`): lines are dropped and counted, nothing panics.
@@ -347,7 +431,7 @@ mod tests {
     #[tokio::test]
     async fn lines_are_tagged_and_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let log = WorkerLog::open(dir.path(), "w", 0, 3).unwrap();
+        let log = WorkerLog::open(dir.path(), "w", 0, 3, 0).unwrap();
         let tail = Tail::default();
         let input: &[u8] = b"first\nsecond\r\nno newline at end";
         log.clone().pump(input, 7, 2, "err", tail.clone()).await;
@@ -366,7 +450,7 @@ mod tests {
     #[tokio::test]
     async fn long_lines_are_split() {
         let dir = tempfile::tempdir().unwrap();
-        let log = WorkerLog::open(dir.path(), "w", 0, 3).unwrap();
+        let log = WorkerLog::open(dir.path(), "w", 0, 3, 0).unwrap();
         let input = vec![b'x'; MAX_LINE + 10];
         log.clone()
             .pump(&input[..], 1, 1, "out", Tail::default())
@@ -378,7 +462,7 @@ mod tests {
     #[test]
     fn rotates_by_size_and_keeps_count() {
         let dir = tempfile::tempdir().unwrap();
-        let log = WorkerLog::open(dir.path(), "w", 1000, 2).unwrap();
+        let log = WorkerLog::open(dir.path(), "w", 1000, 2, 0).unwrap();
         for i in 0..100 {
             log.event(
                 1,

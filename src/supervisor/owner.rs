@@ -359,6 +359,7 @@ impl Owner {
             &name,
             self.config.log.worker_log_max_size,
             self.config.log.worker_log_keep,
+            self.config.log.worker_log_rate,
         )
         .map_err(|e| {
             format!(
