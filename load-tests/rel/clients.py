@@ -488,7 +488,8 @@ class Group:
         if res.requests == 0:
             misses.append("the victims made no request")
         ratio = r.ratio99()
-        if not (ratio <= 1.5):
+        p99_miss = not (ratio <= 1.5)
+        if p99_miss:
             misses.append(f"victim p99 x{ratio:.2f} > 1.5")
         if end.get("fds") is None or end["fds"] > start["fds"] + FD_TOL:
             misses.append(f"fds {start['fds']} -> {end.get('fds')}")
@@ -499,6 +500,8 @@ class Group:
         if misses:
             notes += f"; MISSED: {', '.join(misses)}"
         r.ok = not misses
+        # With --ci a p99 above its goal alone is reported, not fatal (CI machines are shared).
+        r.ci_fatal = bool(misses) and not (p99_miss and len(misses) == 1)
         r.lost = lost if lost else (f"{res.failed} victim requests ({res.summary()})" if res.failed else "nothing")
         r.notes = notes
         log(r.line())
@@ -1048,6 +1051,7 @@ class Group:
             log(f"  LEAKS after stop: {leaks}")
             for r in rows:
                 r.ok = False
+                r.ci_fatal = True
                 r.notes += f"; the stack left behind after stop: {', '.join(leaks)}"
 
     def run(self, only=None):
