@@ -864,20 +864,18 @@ def within(a, b, frac):
     return abs(a - b) <= frac * max(b, 1)
 
 
-class Sampler:
-    """Samples proc_stats(pid) every interval in a thread; .max('rss_kb') afterwards."""
+class Background:
+    """A daemon thread running self._run() until stop(): subclasses loop on `self._stop`
+    (`while not self._stop.is_set(): ...; self._stop.wait(interval)`)."""
 
-    def __init__(self, pid, interval=0.5):
-        self.pid = pid
-        self.interval = interval
-        self.samples = []
+    JOIN_TIMEOUT = 5
+
+    def __init__(self):
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        while not self._stop.is_set():
-            self.samples.append(proc_stats(self.pid))
-            self._stop.wait(self.interval)
+        raise NotImplementedError
 
     def start(self):
         self._t.start()
@@ -885,8 +883,23 @@ class Sampler:
 
     def stop(self):
         self._stop.set()
-        self._t.join(timeout=5)
+        self._t.join(timeout=self.JOIN_TIMEOUT)
         return self
+
+
+class Sampler(Background):
+    """Samples proc_stats(pid) every interval in a thread; .max('rss_kb') afterwards."""
+
+    def __init__(self, pid, interval=0.5):
+        super().__init__()
+        self.pid = pid
+        self.interval = interval
+        self.samples = []
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append(proc_stats(self.pid))
+            self._stop.wait(self.interval)
 
     def max(self, key):
         vals = [s[key] for s in self.samples if s.get(key) is not None]

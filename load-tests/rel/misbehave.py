@@ -36,7 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from common import Row, Load, log  # noqa: E402
+from common import Background, Row, Load, log  # noqa: E402
 
 GROUP = "misbehave"
 TITLE = "Misbehaving workers"
@@ -130,16 +130,17 @@ def fetch(port, path, headers, timeout):
     return out
 
 
-class Sibling:
+class Sibling(Background):
     """A keep-alive client on a healthy route, one request every interval, counting failures."""
+
+    JOIN_TIMEOUT = 15
 
     def __init__(self, port, path, interval=0.005):
         self.port, self.path, self.interval = port, path, interval
         self.ok = self.failed = 0
         self.errors = {}
         self.lat = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self):
         c = None
@@ -167,15 +168,6 @@ class Sibling:
             self._stop.wait(self.interval)
         if c:
             c.close()
-
-    def start(self):
-        self._t.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._t.join(timeout=15)
-        return self
 
     def text(self):
         return f"{self.path} {self.ok + self.failed} req, {self.failed} failed" + (

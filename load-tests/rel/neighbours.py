@@ -221,17 +221,18 @@ class CpuWindow:
                 + " (tqproxy's busiest threads: " + ", ".join(f"{k} {v:.2f}" for k, v in self.threads) + ")")
 
 
-class OwnProbe:
+class OwnProbe(common.Background):
     """tqproxy's own latency: every interval, GET /healthz on the admin port and GET of an
     unrouted path on the proxy port (tqproxy's own 404), each on a keep-alive connection."""
+
+    JOIN_TIMEOUT = 10
 
     def __init__(self, st, interval=0.01):
         self.st, self.interval = st, interval
         self.lat = {"healthz": [], "proxy404": []}
         self.codes = {"healthz": {}, "proxy404": {}}
         self.errors = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _one(self, conns, key, port, path):
         c = conns.get(key)
@@ -259,14 +260,6 @@ class OwnProbe:
         for c in conns.values():
             c.close()
 
-    def start(self):
-        self._t.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self._t.join(timeout=10)
-        return self
 
     def p(self, key, q):
         v = sorted(self.lat[key])
