@@ -25,6 +25,7 @@
 
 pub mod deploy;
 pub mod devwatch;
+pub mod error;
 pub mod health;
 pub mod instance;
 pub mod logs;
@@ -44,6 +45,7 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc, oneshot, watch};
 
 use crate::config::{Config, Strategy, WorkerConfig};
 use crate::routes::RouteHandle;
+pub use error::{ErrorKind, SupervisorError};
 use instance::Fact;
 use owner::Owner;
 use status::{Outcome, StatusReport};
