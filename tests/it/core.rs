@@ -9,11 +9,11 @@ use crate::harness::*;
 #[test]
 fn host_and_path_routing_on_segment_boundaries() {
     let mut env = Env::new(&[
-        WorkerDef::hello("root", "[\"/\"]", 1, ""),
-        WorkerDef::hello("api", "[\"/api\"]", 1, "strip_prefix: true\n"),
-        WorkerDef::hello("keep", "[\"/keep\"]", 1, ""),
-        WorkerDef::hello("host", "[\"h.example.test/\"]", 1, ""),
-        WorkerDef::hello("wild", "[\"*.wild.test/v1\"]", 1, ""),
+        WorkerDef::backend("root", "[\"/\"]", 1, ""),
+        WorkerDef::backend("api", "[\"/api\"]", 1, "strip_prefix: true\n"),
+        WorkerDef::backend("keep", "[\"/keep\"]", 1, ""),
+        WorkerDef::backend("host", "[\"h.example.test/\"]", 1, ""),
+        WorkerDef::backend("wild", "[\"*.wild.test/v1\"]", 1, ""),
     ]);
     env.start();
     let who = |r: &Response| r.header("x-worker").unwrap_or("?").to_string();
@@ -34,7 +34,7 @@ fn host_and_path_routing_on_segment_boundaries() {
     let r = env.get("/keep/echo-headers");
     assert_eq!(
         r.status, 404,
-        "hello has no /keep/echo-headers: the prefix was kept"
+        "backend has no /keep/echo-headers: the prefix was kept"
     );
 
     // Hosts: exact, with port and case, wildcard; unknown hosts fall back to host-less routes.
@@ -47,7 +47,7 @@ fn host_and_path_routing_on_segment_boundaries() {
 
 #[test]
 fn forwarding_headers_and_request_ids() {
-    let mut env = Env::new(&[WorkerDef::hello("root", "[\"/\"]", 1, "")]);
+    let mut env = Env::new(&[WorkerDef::backend("root", "[\"/\"]", 1, "")]);
     env.start();
     let r = env.get_host("front.test", "/echo-headers");
     assert_eq!(r.status, 200);
@@ -83,7 +83,7 @@ fn forwarding_headers_and_request_ids() {
 
 #[test]
 fn unknown_route_is_404_from_tqproxy() {
-    let mut env = Env::new(&[WorkerDef::hello("api", "[\"/api\"]", 1, "")]);
+    let mut env = Env::new(&[WorkerDef::backend("api", "[\"/api\"]", 1, "")]);
     env.start();
     let r = env.get("/nothing-here");
     assert_eq!(r.status, 404);
@@ -95,7 +95,7 @@ fn unknown_route_is_404_from_tqproxy() {
 
 #[test]
 fn balancing_uses_every_instance() {
-    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 4, "")]);
+    let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 4, "")]);
     env.start();
     let mut seen: BTreeMap<String, u32> = BTreeMap::new();
     for _ in 0..80 {
@@ -121,7 +121,7 @@ fn balancing_uses_every_instance() {
 
 #[test]
 fn kill_9_of_an_instance_under_load_fails_no_request() {
-    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 2, "")]);
+    let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 2, "")]);
     env.start();
     let before = env.instances("w");
     let load = Load::start(env.listen, "/", 8);
@@ -186,7 +186,7 @@ fn a_hung_instance_is_replaced() {
 #[test]
 fn a_crash_loop_backs_off_and_is_visible() {
     let mut env = Env::new(&[
-        WorkerDef::hello("fine", "[\"/\"]", 1, ""),
+        WorkerDef::backend("fine", "[\"/\"]", 1, ""),
         WorkerDef::chaos(
             "broken",
             "[\"/broken\"]",
@@ -232,7 +232,7 @@ fn a_crash_loop_backs_off_and_is_visible() {
 
 #[test]
 fn scale_up_and_down() {
-    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 1, "")]);
+    let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 1, "")]);
     env.start();
     let out = env.ok(&["scale", "w", "3"]);
     assert!(out.contains("scaled up from 1 to 3"), "{out}");
@@ -261,7 +261,7 @@ fn scale_up_and_down() {
 #[test]
 fn kill_9_of_tqproxy_leaves_no_worker_behind() {
     let mut env = Env::new(&[
-        WorkerDef::hello("w", "[\"/\"]", 2, "env: { TQ_TEST_MARK: kill9-test }\n"),
+        WorkerDef::backend("w", "[\"/\"]", 2, "env: { TQ_TEST_MARK: kill9-test }\n"),
         // A pid namespace: even processes the worker forks die with it.
         WorkerDef::chaos(
             "c",
@@ -297,7 +297,7 @@ fn kill_9_of_tqproxy_leaves_no_worker_behind() {
 
 #[test]
 fn graceful_stop_finishes_in_flight_requests() {
-    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 1, "")]);
+    let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 1, "")]);
     env.start();
     let pid = env.instances("w")[0].pid.unwrap();
     let addr = env.listen;
@@ -327,7 +327,7 @@ fn hostile_clients_and_control_messages_change_nothing() {
     use std::net::TcpStream;
     use std::os::unix::net::UnixStream;
 
-    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 2, "")]);
+    let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 2, "")]);
     env.start();
     let before: BTreeSet<u32> = env.instances("w").iter().filter_map(|i| i.pid).collect();
     let load = Load::start(env.listen, "/", 4);
@@ -478,7 +478,7 @@ fn client_deadlines_and_the_connection_limit() {
     use std::io::{Read, Write};
     use std::net::TcpStream;
 
-    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 1, "")]);
+    let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 1, "")]);
     let conf = std::fs::read_to_string(env.conf()).unwrap().replace(
         "proxy: { threads: 1 }",
         "proxy: { threads: 1, client_header_timeout: 1s, client_keepalive_timeout: 1s, max_connections: 4 }",
@@ -588,7 +588,7 @@ fn client_deadlines_and_the_connection_limit() {
 /// tqproxy binds the socket again, so that `status` and `stop` work once more.
 #[test]
 fn a_deleted_control_socket_is_bound_again() {
-    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 1, "")]);
+    let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 1, "")]);
     env.start();
     std::fs::remove_file(env.socket()).unwrap();
     let out = env.cli(&["status"]);

@@ -31,7 +31,7 @@ fn cert(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
 /// An environment with a plain listener (the harness's), a TLS listener with two
 /// certificates, and a redirect listener. Returns (env, tls port, redirect port).
 fn tls_env(extra_global: &str) -> (Env, u16, u16) {
-    tls_env_with(&[WorkerDef::hello("w", "[\"/\"]", 2, "")], extra_global)
+    tls_env_with(&[WorkerDef::backend("w", "[\"/\"]", 2, "")], extra_global)
 }
 
 /// [`tls_env`] with these workers.
@@ -187,7 +187,7 @@ fn plain_listeners_redirect_and_h2c() {
 
 #[test]
 fn h2c_when_enabled() {
-    let mut env = Env::with_global(&[WorkerDef::hello("w", "[\"/\"]", 1, "")], "");
+    let mut env = Env::with_global(&[WorkerDef::backend("w", "[\"/\"]", 1, "")], "");
     let conf = std::fs::read_to_string(env.conf())
         .unwrap()
         .replace("proxy: { threads: 1 }", "proxy: { threads: 1, h2c: true }");
@@ -308,7 +308,7 @@ impl Ws {
 
 #[test]
 fn websocket_echo_through_the_proxy_and_across_a_rolling_restart() {
-    let mut env = Env::new(&[WorkerDef::hello(
+    let mut env = Env::new(&[WorkerDef::backend(
         "w",
         "[\"/\"]",
         1,
@@ -356,7 +356,7 @@ fn websocket_echo_through_the_proxy_and_across_a_rolling_restart() {
 
 #[test]
 fn upgrade_under_load_fails_nothing() {
-    let mut env = Env::new(&[WorkerDef::hello(
+    let mut env = Env::new(&[WorkerDef::backend(
         "w",
         "[\"/\"]",
         2,
@@ -394,7 +394,7 @@ fn upgrade_under_load_fails_nothing() {
 
 #[test]
 fn an_upgrade_whose_workers_cannot_start_leaves_the_old_process_serving() {
-    let mut env = Env::new(&[WorkerDef::hello("w", "[\"/\"]", 1, "")]);
+    let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 1, "")]);
     env.start();
     let old_pid = env.pid();
     // The new process will read a worker that cannot start.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tqproxy::supervisor::status::{InstanceStatus, StatusReport, WorkerStatus};
 
 pub const TQPROXY: &str = env!("CARGO_BIN_EXE_tqproxy");
-pub const HELLO: &str = env!("CARGO_BIN_EXE_hello");
+pub const BACKEND: &str = env!("CARGO_BIN_EXE_hello");
 pub const CHAOS: &str = env!("CARGO_BIN_EXE_chaos");
 pub const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 pub const RAWECHO: &str = env!("CARGO_BIN_EXE_rawecho");
@@ -71,11 +71,12 @@ impl WorkerDef {
         }
     }
 
-    /// The `hello` worker with `instances` and extra YAML lines.
-    pub fn hello(name: &str, routes: &str, instances: u32, extra: &str) -> WorkerDef {
+    /// The `backend` worker (the benchmark and test backend: `workers/backend`) with
+    /// `instances` and extra YAML lines.
+    pub fn backend(name: &str, routes: &str, instances: u32, extra: &str) -> WorkerDef {
         WorkerDef::with_defaults(
             name,
-            &format!("command: [\"{HELLO}\"]\nroutes: {routes}\ninstances: {instances}\n"),
+            &format!("command: [\"{BACKEND}\"]\nroutes: {routes}\ninstances: {instances}\n"),
             &[
                 (
                     "health",

@@ -78,9 +78,9 @@ fn chaos(name: &str, extra: &str) -> WorkerDef {
     )
 }
 
-/// A hello worker at `/<name>` (prefix stripped): the neighbour that must not notice.
+/// A backend worker at `/<name>` (prefix stripped): the neighbour that must not notice.
 fn neighbour(name: &str) -> WorkerDef {
-    WorkerDef::hello(name, &format!("[\"/{name}\"]"), 1, "strip_prefix: true\n")
+    WorkerDef::backend(name, &format!("[\"/{name}\"]"), 1, "strip_prefix: true\n")
 }
 
 /// GET through tqproxy, expecting 200 and a JSON body.
@@ -989,7 +989,7 @@ fn a_net_isolated_worker_cannot_connect_out_but_serves() {
     let mut env = Env::new(&[
         chaos("iso", "sandbox: { namespaces: [net] }\n"),
         chaos("open", ""),
-        WorkerDef::hello(
+        WorkerDef::backend(
             "hnet",
             "[\"/hnet\"]",
             1,
@@ -1009,7 +1009,7 @@ fn a_net_isolated_worker_cannot_connect_out_but_serves() {
     let r = env.get("/iso/");
     assert_eq!(r.status, 200);
     assert!(r.body.starts_with("chaos "), "{}", r.body);
-    // hello takes the passed socket too (its own startup path, the same `listen.rs`).
+    // backend takes the passed socket too (its own startup path, the same kit `listen`).
     let (_, hpid, _) = only_instance(&env, "hnet");
     assert_ne!(ns_links(hpid)["net"], tq_net);
     let r = env.get("/hnet/");

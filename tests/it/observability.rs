@@ -165,7 +165,7 @@ fn kill9(pid: u32) {
 fn the_admin_listener_defaults_to_loopback_8090_and_stays_on_loopback() {
     let load = |control: &str| {
         let env = Env::with_global(
-            &[WorkerDef::hello("w", "[\"/\"]", 1, "")],
+            &[WorkerDef::backend("w", "[\"/\"]", 1, "")],
             &format!("control: {{ {control} }}\n"),
         );
         tqproxy::config::Config::load(&env.conf()).map(|c| c.admin)
@@ -229,10 +229,10 @@ fn a_response_cut_mid_body_counts_as_an_upstream_error() {
 fn request_counters_move_exactly_by_worker_and_status_class() {
     let (mut env, admin) = env_with_admin(
         &[
-            WorkerDef::hello("w", "[\"/w\"]", 1, "strip_prefix: true\n"),
-            WorkerDef::hello("other", "[\"/o\"]", 1, "strip_prefix: true\n"),
+            WorkerDef::backend("w", "[\"/w\"]", 1, "strip_prefix: true\n"),
+            WorkerDef::backend("other", "[\"/o\"]", 1, "strip_prefix: true\n"),
             // Scaled to zero: its requests wait queue_timeout for an instance, then 503.
-            WorkerDef::hello("idle", "[\"/idle\"]", 0, "queue_timeout: 300ms\n"),
+            WorkerDef::backend("idle", "[\"/idle\"]", 0, "queue_timeout: 300ms\n"),
         ],
         "",
     );
@@ -252,7 +252,7 @@ fn request_counters_move_exactly_by_worker_and_status_class() {
         assert_eq!(env.get("/w/").status, 200);
     }
     for _ in 0..3 {
-        // hello answers 404 itself: a worker's 4xx.
+        // backend answers 404 itself: a worker's 4xx.
         let r = env.get("/w/no-such-page");
         assert_eq!(r.status, 404);
         assert_eq!(r.header("x-worker"), Some("w"));
@@ -429,7 +429,7 @@ fn request_counters_move_exactly_by_worker_and_status_class() {
 
 #[test]
 fn crash_scale_and_reload_move_their_counters() {
-    let (mut env, admin) = env_with_admin(&[WorkerDef::hello("w", "[\"/\"]", 1, "")], "");
+    let (mut env, admin) = env_with_admin(&[WorkerDef::backend("w", "[\"/\"]", 1, "")], "");
     env.start();
     let first = env.instances("w")[0].clone();
     let ready = [("worker", "w"), ("state", "ready")];
@@ -515,7 +515,7 @@ fn crash_scale_and_reload_move_their_counters() {
 
 #[test]
 fn an_instance_dying_mid_request_counts_an_upstream_error_and_a_retry() {
-    let (mut env, admin) = env_with_admin(&[WorkerDef::hello("w", "[\"/\"]", 2, "")], "");
+    let (mut env, admin) = env_with_admin(&[WorkerDef::backend("w", "[\"/\"]", 2, "")], "");
     env.start();
     let addr = env.listen;
     let slow = std::thread::spawn(move || request(addr, "GET", "/slow?ms=2000", None, &[], b""));
@@ -595,8 +595,8 @@ fn steady(mut v: Value) -> Value {
 fn status_json_is_the_cli_document_and_the_table_lists_instances() {
     let (mut env, admin) = env_with_admin(
         &[
-            WorkerDef::hello("w", "[\"/\"]", 2, ""),
-            WorkerDef::hello("api", "[\"api.test/v1\"]", 1, ""),
+            WorkerDef::backend("w", "[\"/\"]", 2, ""),
+            WorkerDef::backend("api", "[\"api.test/v1\"]", 1, ""),
         ],
         "",
     );
@@ -680,7 +680,7 @@ fn status_json_is_the_cli_document_and_the_table_lists_instances() {
 
 #[test]
 fn healthz_goes_503_naming_the_worker_that_is_down_and_recovers() {
-    let (mut env, admin) = env_with_admin(&[WorkerDef::hello("fine", "[\"/\"]", 1, "")], "");
+    let (mut env, admin) = env_with_admin(&[WorkerDef::backend("fine", "[\"/\"]", 1, "")], "");
     // `flaky` runs chaos through a script that fails while a flag file exists.
     let dir = env.worker_dir("flaky");
     std::fs::create_dir_all(&dir).unwrap();
@@ -1137,7 +1137,7 @@ impl Drop for Trickle {
 #[test]
 fn status_page_renders_in_a_browser_and_follows_a_scale_live() {
     let browser = browser::Browser::launch();
-    let (mut env, admin) = env_with_admin(&[WorkerDef::hello("w", "[\"/\"]", 1, "")], "");
+    let (mut env, admin) = env_with_admin(&[WorkerDef::backend("w", "[\"/\"]", 1, "")], "");
     env.start();
     let _load = Trickle::start(env.listen);
     let mut page = browser.page();
@@ -1254,7 +1254,7 @@ fn wait_lines(path: &std::path::Path, n: usize) -> Vec<String> {
 
 #[test]
 fn access_log_has_one_line_per_request_in_json_and_combined() {
-    let w = WorkerDef::hello("w", "[\"/w\"]", 1, "strip_prefix: true\n");
+    let w = WorkerDef::backend("w", "[\"/w\"]", 1, "strip_prefix: true\n");
     let mut env = Env::with_global(
         std::slice::from_ref(&w),
         "log: { access_log: ../logs/access.log, access_format: json }\n",
@@ -1353,19 +1353,19 @@ fn access_log_has_one_line_per_request_in_json_and_combined() {
 
 #[test]
 fn worker_logs_rotate_at_the_configured_size_keeping_n_files() {
-    let noisy = WorkerDef::hello(
+    let noisy = WorkerDef::backend(
         "noisy",
         "[\"/\"]",
         1,
         &format!(
-            "command: [\"/bin/sh\", \"-c\", \"i=0; while [ $i -lt 400 ]; do echo \\\"noisy line $i ..............................\\\"; i=$((i+1)); done; exec {HELLO}\"]\n"
+            "command: [\"/bin/sh\", \"-c\", \"i=0; while [ $i -lt 400 ]; do echo \\\"noisy line $i ..............................\\\"; i=$((i+1)); done; exec {BACKEND}\"]\n"
         ),
     );
-    // WorkerDef::hello put its own command first; keep only ours.
+    // WorkerDef::backend put its own command first; keep only ours.
     let yaml: String = noisy
         .yaml
         .lines()
-        .filter(|l| !l.starts_with(&format!("command: [\"{HELLO}\"]")))
+        .filter(|l| !l.starts_with(&format!("command: [\"{BACKEND}\"]")))
         .map(|l| format!("{l}\n"))
         .collect();
     let mut env = Env::with_global(
@@ -1425,7 +1425,7 @@ fn worker_logs_rotate_at_the_configured_size_keeping_n_files() {
 #[test]
 fn json_log_format_gives_parseable_lines_including_pingoras() {
     let mut env = Env::with_global(
-        &[WorkerDef::hello("w", "[\"/\"]", 1, "")],
+        &[WorkerDef::backend("w", "[\"/\"]", 1, "")],
         "log: { format: json }\n",
     );
     env.start();

@@ -17,7 +17,7 @@ fn mark(worker: &str) -> String {
 }
 
 fn versioned(name: &str, instances: u32, version: &str, extra: &str) -> WorkerDef {
-    WorkerDef::hello(
+    WorkerDef::backend(
         name,
         "[\"/\"]",
         instances,
@@ -322,13 +322,13 @@ fn a_new_version_that_cannot_start_leaves_the_old_one_serving() {
 #[test]
 fn reload_adds_removes_and_leaves_unchanged_workers_alone() {
     let mut env = Env::new(&[
-        WorkerDef::hello("stay", "[\"/stay\"]", 2, ""),
-        WorkerDef::hello("go", "[\"/go\"]", 1, ""),
+        WorkerDef::backend("stay", "[\"/stay\"]", 2, ""),
+        WorkerDef::backend("go", "[\"/go\"]", 1, ""),
     ]);
     env.start();
     let stay = pids(&env, "stay");
     env.remove_worker("go");
-    env.write_worker(&WorkerDef::hello("new", "[\"/new\"]", 1, ""));
+    env.write_worker(&WorkerDef::backend("new", "[\"/new\"]", 1, ""));
     let out = env.ok(&["reload"]);
     assert!(out.contains("stay: ok: unchanged"), "{out}");
     assert!(out.contains("go: ok: removed"), "{out}");
@@ -337,7 +337,7 @@ fn reload_adds_removes_and_leaves_unchanged_workers_alone() {
     assert_eq!(
         env.get("/new").status,
         404,
-        "hello has no /new path but the route reached it"
+        "backend has no /new path but the route reached it"
     );
     assert_eq!(env.get("/new").header("x-worker"), Some("new"));
     assert_eq!(env.get("/go").status, 404);
@@ -345,7 +345,7 @@ fn reload_adds_removes_and_leaves_unchanged_workers_alone() {
     let names: Vec<String> = env.status().workers.into_iter().map(|w| w.name).collect();
     assert_eq!(names, vec!["new", "stay"]);
     // Only the instance count changed: a scale, not a redeploy.
-    env.write_worker(&WorkerDef::hello("stay", "[\"/stay\"]", 3, ""));
+    env.write_worker(&WorkerDef::backend("stay", "[\"/stay\"]", 3, ""));
     let out = env.ok(&["reload"]);
     assert!(out.contains("scaled up from 2 to 3"), "{out}");
     assert!(stay.is_subset(&pids(&env, "stay")));
@@ -441,7 +441,7 @@ fn watch_rolls_a_rewritten_binary_and_survives_a_failed_build() {
     let mut env = Env::new(&[]);
     let bin = env.dir.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy(HELLO, bin.join("app")).unwrap();
+    std::fs::copy(BACKEND, bin.join("app")).unwrap();
     let src = env.dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     // The "build" fails while src/broken exists.

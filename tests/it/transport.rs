@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-fn unix_hello(name: &str, instances: u32, extra: &str) -> WorkerDef {
-    WorkerDef::hello(
+fn unix_backend(name: &str, instances: u32, extra: &str) -> WorkerDef {
+    WorkerDef::backend(
         name,
         "[\"/\"]",
         instances,
@@ -90,7 +90,7 @@ fn has_env(pid: u32, key: &str) -> bool {
 #[test]
 fn unix_instances_serve_through_the_proxy_and_listen_on_no_port() {
     let mut env = Env::with_global(
-        &[unix_hello("w", 2, "")],
+        &[unix_backend("w", 2, "")],
         "log: { access_log: ../logs/access.log }\n",
     );
     env.start();
@@ -176,7 +176,7 @@ fn unix_instances_serve_through_the_proxy_and_listen_on_no_port() {
 
 #[test]
 fn rolling_restart_and_kill_9_under_load_fail_nothing_and_leave_no_socket() {
-    let mut env = Env::new(&[unix_hello("w", 2, "")]);
+    let mut env = Env::new(&[unix_backend("w", 2, "")]);
     env.start();
     let before = env.wait_ready("w", 2);
     let old: Vec<PathBuf> = before
@@ -298,7 +298,7 @@ while True:
 fn a_run_dir_too_long_for_a_socket_address_is_refused_with_the_reason() {
     let long = format!("r{}", "x".repeat(100));
     let global = format!("run_dir: ../{long}\ncontrol: {{ socket: ../ctl.sock, admin: off }}\n");
-    let mut env = Env::with_global(&[unix_hello("w", 1, "")], &global);
+    let mut env = Env::with_global(&[unix_backend("w", 1, "")], &global);
     // `check` (and so `reload` and `deploy`) names the worker file and the key.
     let o = env.cli(&["check"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -341,7 +341,7 @@ fn a_run_dir_too_long_for_a_socket_address_is_refused_with_the_reason() {
 fn a_unix_worker_in_a_network_namespace_serves() {
     // With mount and net namespaces the worker sees neither the run dir nor tqproxy's
     // loopback: the socket it accepts on came as fd 3.
-    let mut env = Env::new(&[unix_hello(
+    let mut env = Env::new(&[unix_backend(
         "w",
         1,
         "sandbox: { namespaces: [mount, net] }\n",
@@ -357,7 +357,7 @@ fn a_unix_worker_in_a_network_namespace_serves() {
 
 #[test]
 fn sockets_left_by_a_killed_tqproxy_are_removed_at_the_next_start() {
-    let mut env = Env::new(&[unix_hello("w", 1, "")]);
+    let mut env = Env::new(&[unix_backend("w", 1, "")]);
     env.start();
     let first = socket_dir(&env);
     assert!(first.is_dir());
@@ -377,7 +377,7 @@ fn sockets_left_by_a_killed_tqproxy_are_removed_at_the_next_start() {
 
 #[test]
 fn http2_over_tls_reaches_a_unix_worker() {
-    let (env, tls, _) = crate::edge::tls_env_with(&[unix_hello("w", 2, "")], "");
+    let (env, tls, _) = crate::edge::tls_env_with(&[unix_backend("w", 2, "")], "");
     assert!(env.instances("w").iter().all(|i| i.socket.is_some()));
     let (out, err) = crate::edge::curl(&[
         "-k",
@@ -398,13 +398,13 @@ fn http2_over_tls_reaches_a_unix_worker() {
 
 #[test]
 fn a_reload_moves_a_worker_from_tcp_to_unix_and_back_under_load() {
-    let tcp = WorkerDef::hello("w", "[\"/\"]", 2, "");
+    let tcp = WorkerDef::backend("w", "[\"/\"]", 2, "");
     let mut env = Env::new(std::slice::from_ref(&tcp));
     env.start();
     assert!(env.instances("w").iter().all(|i| i.port.is_some()));
     let load = Load::start(env.listen, "/", 8);
     load.wait_progress(200);
-    env.write_worker(&unix_hello("w", 2, ""));
+    env.write_worker(&unix_backend("w", 2, ""));
     env.ok(&["reload"]);
     let unix = env.wait_ready("w", 2);
     assert!(
@@ -423,7 +423,7 @@ fn a_reload_moves_a_worker_from_tcp_to_unix_and_back_under_load() {
 
 #[test]
 fn an_upgrade_keeps_the_sockets_of_both_processes_apart_and_fails_nothing() {
-    let mut env = Env::new(&[unix_hello("w", 2, "")]);
+    let mut env = Env::new(&[unix_backend("w", 2, "")]);
     env.start();
     let old_pid = env.pid();
     let old_dir = socket_dir(&env);
