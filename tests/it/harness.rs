@@ -16,10 +16,79 @@ use std::time::{Duration, Instant};
 use tqproxy::supervisor::status::{InstanceStatus, StatusReport, WorkerStatus};
 
 pub const TQPROXY: &str = env!("CARGO_BIN_EXE_tqproxy");
-pub const BACKEND: &str = env!("CARGO_BIN_EXE_hello");
-pub const CHAOS: &str = env!("CARGO_BIN_EXE_chaos");
-pub const PROBE: &str = env!("CARGO_BIN_EXE_probe");
-pub const RAWECHO: &str = env!("CARGO_BIN_EXE_rawecho");
+
+// The workers are binaries of another package (`tqproxy-workers`, workers/), which get no
+// `CARGO_BIN_EXE_*`: they are found next to tqproxy, in the same target directory and profile.
+// `cargo test` at the root builds them (both packages are default members of the workspace);
+// `require_workers` says how to build them when one is missing.
+
+/// The benchmark and test backend (workers/backend): the worker most tests run.
+pub const BACKEND: &str = next_to_tqproxy!("backend");
+/// The example worker (workers/hello).
+pub const HELLO: &str = next_to_tqproxy!("hello");
+pub const CHAOS: &str = next_to_tqproxy!("chaos");
+pub const PROBE: &str = next_to_tqproxy!("probe");
+pub const RAWECHO: &str = next_to_tqproxy!("rawecho");
+
+/// `<the directory of TQPROXY>/<name>`, as a `&'static str` computed at compile time.
+macro_rules! next_to_tqproxy {
+    ($name:literal) => {{
+        const DIR: usize = dir_len(TQPROXY.as_bytes());
+        const PATH: [u8; DIR + $name.len()] = join(TQPROXY.as_bytes(), DIR, $name.as_bytes());
+        match std::str::from_utf8(&PATH) {
+            Ok(path) => path,
+            Err(_) => panic!("the tqproxy path is not UTF-8"),
+        }
+    }};
+}
+use next_to_tqproxy;
+
+/// The length of `path` up to and including its last `/`.
+const fn dir_len(path: &[u8]) -> usize {
+    let mut i = path.len();
+    while i > 0 && path[i - 1] != b'/' {
+        i -= 1;
+    }
+    i
+}
+
+/// The first `dir_len` bytes of `dir`, then `name`.
+const fn join<const N: usize>(dir: &[u8], dir_len: usize, name: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < dir_len {
+        out[i] = dir[i];
+        i += 1;
+    }
+    while i < N {
+        out[i] = name[i - dir_len];
+        i += 1;
+    }
+    out
+}
+
+/// Panics, naming the command that builds them, when a worker binary is missing (e.g. after
+/// `cargo test -p tqproxy` or `cargo test --test it`, which build tqproxy's targets only).
+pub fn require_workers() {
+    static CHECKED: std::sync::Once = std::sync::Once::new();
+    CHECKED.call_once(|| {
+        let missing: Vec<&str> = [BACKEND, HELLO, CHAOS, PROBE, RAWECHO]
+            .into_iter()
+            .filter(|p| !Path::new(p).is_file())
+            .collect();
+        let profile = if cfg!(debug_assertions) {
+            ""
+        } else {
+            " --release"
+        };
+        assert!(
+            missing.is_empty(),
+            "worker binaries missing: {}; build them with `cargo build{profile} -p tqproxy-workers` \
+             (`cargo test` at the repository root builds them too)",
+            missing.join(", ")
+        );
+    });
+}
 
 /// The repository root (for the shipped configs and workers).
 pub fn repo() -> PathBuf {
@@ -153,6 +222,7 @@ impl Env {
 
     /// `global_extra` is appended to the global YAML.
     pub fn with_global(workers: &[WorkerDef], global_extra: &str) -> Env {
+        require_workers();
         let dir = tempfile::Builder::new()
             .prefix("tqproxy-it-")
             .tempdir()

@@ -2,7 +2,7 @@
 //!
 //! It follows the worker contract (DESIGN.md, "Worker contract") like `hello` does — fd 3 socket
 //! passing, graceful SIGTERM, keep-alive HTTP/1.1 with `X-Worker`/`X-Instance`/`X-Generation` —
-//! through the compact HTTP core it shares with `probe` (`workers/common/http.rs`).
+//! through the worker kit (`workers/kit`).
 //!
 //! | request                        | effect                                                          |
 //! |--------------------------------|-----------------------------------------------------------------|
@@ -28,13 +28,7 @@
 //!
 //! Start-up knobs: `CHAOS_CRASH_ON_START=1` (exit 3 at once), `CHAOS_START_DELAY_MS=N` (sleep
 //! before serving), `CHAOS_NEVER_READY=1` (`/health` always 503).
-#![deny(unsafe_code)]
-
-#[macro_use]
-#[path = "../common/http.rs"]
-mod http;
-#[path = "../common/listen.rs"]
-mod listen;
+#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io;
@@ -47,9 +41,8 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use http::{Handler, Request, env_var as var, query_param, url_decode};
+use kit::{Handler, Io, Request, env_var as var, log, query_param, url_decode};
 
-const PROG: &str = "chaos";
 /// Set in the children of `/fork-bomb` and `/ptrace`: sleep this many seconds, then exit.
 const CHILD_SLEEP_ENV: &str = "CHAOS_CHILD_SLEEP_S";
 
@@ -88,23 +81,22 @@ fn main() {
         std::thread::sleep(Duration::from_secs(secs));
         return;
     }
-    let worker = http::Worker::from_env();
+    let worker = kit::Worker::from_env("chaos");
     let (instance, generation) = (worker.instance.clone(), worker.generation.clone());
     if var("CHAOS_CRASH_ON_START").as_deref() == Some("1") {
         log!("instance {instance} gen {generation}: CHAOS_CRASH_ON_START=1, exiting with 3");
         std::process::exit(3);
     }
-    let inherited = http::inherited_listener();
     if let Some(ms) = var("CHAOS_START_DELAY_MS").and_then(|v| v.trim().parse().ok()) {
         std::thread::sleep(Duration::from_millis(ms));
     }
     let app = App {
         instance,
         generation,
-        version: http::clean(var("CHAOS_VERSION").unwrap_or_else(|| "1".into())),
+        version: kit::clean(var("CHAOS_VERSION").unwrap_or_else(|| "1".into())),
         never_ready: var("CHAOS_NEVER_READY").as_deref() == Some("1"),
     };
-    http::run(worker, app, inherited)
+    kit::serve(worker, app)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -119,7 +111,7 @@ enum After {
     Exit(i32),
 }
 
-type Reply = http::Reply<After>;
+type Reply = kit::Reply<After>;
 
 fn bad(msg: &str) -> Reply {
     Reply::text(400, format!("{msg}\n"))
@@ -161,7 +153,18 @@ impl Handler for App {
         }
     }
 
-    async fn after(&self, after: After, stream: &mut TcpStream) {
+    async fn health(&self) -> Reply {
+        if HANG.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if self.never_ready || UNHEALTHY.load(Ordering::SeqCst) {
+            Reply::text(503, "unhealthy\n")
+        } else {
+            Reply::text(200, "ok\n")
+        }
+    }
+
+    async fn after(&self, after: After, stream: &mut dyn Io) {
         match after {
             After::Nothing => {}
             After::Abort => {
@@ -187,10 +190,6 @@ async fn endpoint(app: &App, req: &Request) -> Result<Reply, Reply> {
             200,
             format!("chaos {} gen {} pid {pid}\n", app.instance, app.generation),
         ),
-        "/health" if app.never_ready || UNHEALTHY.load(Ordering::SeqCst) => {
-            Reply::text(503, "unhealthy\n")
-        }
-        "/health" => Reply::text(200, "ok\n"),
         "/version" => Reply::text(200, format!("{}\n", app.version)),
         "/slow" => {
             let ms: u64 = num(req, "ms")?.unwrap_or(0);

@@ -2,8 +2,7 @@
 //!
 //! tqproxy's isolation tests start it under a worker config and compare what it reports with
 //! that config (youki's habit: verify isolation from inside). It follows the worker contract
-//! (DESIGN.md, "Worker contract") through the compact HTTP core it shares with `chaos`
-//! (`workers/common/http.rs`).
+//! (DESIGN.md, "Worker contract") through the worker kit (`workers/kit`).
 //!
 //! | request            | answer                                                                  |
 //! |--------------------|-------------------------------------------------------------------------|
@@ -13,29 +12,21 @@
 //! | `GET /health`      | `ok`                                                                    |
 //!
 //! Anything unreadable becomes `null` with a line in the report's `errors` list.
-#![deny(unsafe_code)]
-
-#[macro_use]
-#[path = "../common/http.rs"]
-mod http;
-#[path = "../common/listen.rs"]
-mod listen;
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 
 use serde_json::{Value, json};
 
-use http::{Handler, Reply, Request, query_param, url_decode};
+use kit::{Handler, Reply, Request, query_param, url_decode};
 
-const PROG: &str = "probe";
 /// v1 reports "no limit" as a huge number (`PAGE_COUNTER_MAX` pages, or `i64::MAX`).
 const V1_UNLIMITED: u64 = 1 << 62;
 
 fn main() {
-    let worker = http::Worker::from_env();
-    let inherited = http::inherited_listener();
-    http::run(worker, Probe, inherited)
+    let worker = kit::Worker::from_env("probe");
+    kit::serve(worker, Probe)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -50,7 +41,6 @@ impl Handler for Probe {
         let path = query_param(&req.query, "path").map(url_decode);
         match (req.path.as_str(), path) {
             ("/", _) => Reply::json(report()),
-            ("/health", _) => Reply::text(200, "ok\n"),
             ("/read", Some(p)) => Reply::json(try_read(&p)),
             ("/write", Some(p)) => Reply::json(try_write(&p)),
             ("/read" | "/write", None) => Reply::text(400, "path=P is required\n"),

@@ -2,7 +2,7 @@
 //! tqproxy's HTTP/1.1 conformance suite (`tests/it/conformance.rs`).
 //!
 //! It listens on `127.0.0.1:$PORT`, or on the inherited fd 3 when `LISTEN_FDS=1` and
-//! `LISTEN_PID` is this process (`workers/common/listen.rs`). One thread per connection, blocking
+//! `LISTEN_PID` is this process (the kit's `listen`). One thread per connection, blocking
 //! I/O: small and obviously correct, not fast. It has no health endpoint: run it without a
 //! health path, so tqproxy only checks that the port accepts (no health request is ever sent,
 //! nothing appears in the log for it). SIGTERM ends it (default disposition).
@@ -51,10 +51,7 @@
 //!
 //! A record is written (and flushed) before the answer to it, so once a client has the answer,
 //! the log has the request.
-#![deny(unsafe_code)]
-
-#[path = "../common/listen.rs"]
-mod listen;
+#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -62,6 +59,8 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use kit::listen;
 
 /// Largest request, head and body.
 const MAX_REQUEST: usize = 1 << 20;

@@ -1,80 +1,85 @@
-//! The compact HTTP/1.1 core shared by the `chaos` and `probe` workers.
+//! The kit's HTTP/1.1 server: [`serve`] runs a [`Handler`] on the socket of a [`Worker`]
+//! (TCP, or the unix socket of `transport: unix`) until SIGTERM/SIGINT.
 //!
-//! Each binary includes this file as a module (`#[macro_use] #[path = "../common/http.rs"] mod
-//! http;`, which also gives it `log!`) and its crate root defines `const PROG: &str`, the name
-//! that prefixes its log lines. The core
-//! implements the worker contract (DESIGN.md, "Worker contract"): the identity from `PORT` and
-//! `WORKER_*`, fd 3 socket passing (`LISTEN_FDS`/`LISTEN_PID`), graceful SIGTERM/SIGINT (stop
-//! accepting, finish the requests in flight, exit 0; a second signal exits at once), and
-//! keep-alive HTTP/1.1 answers carrying `X-Worker`/`X-Instance`/`X-Generation`. Request bodies
-//! (`Content-Length` or chunked) are read and discarded; the binary's [`Handler`] answers.
-//!
-//! `hello` has its own, performance-tuned core: it is the benchmark backend.
+//! Keep-alive and pipelining, HTTP/1.0, request bodies (`Content-Length` or chunked) read and
+//! discarded, replies with `Content-Length` and the identity headers
+//! `X-Worker`/`X-Instance`/`X-Generation`. Graceful stop: stop accepting, finish the requests
+//! in flight, close idle connections, exit 0; a second signal exits at once.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
+
+use crate::listen::Inherited;
+use crate::{Worker, log};
 
 const MAX_HEAD: usize = 64 * 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
-/// One line on stderr, prefixed with the binary's `PROG`.
-macro_rules! log {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let line = format!("{}: {}\n", $crate::PROG, format_args!($($arg)*));
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
-    }};
-}
-
 // ---------------------------------------------------------------------------------------------
-// What a worker binary plugs in
+// What a worker plugs in
+
+/// A connection's byte stream (TCP or unix), as [`Handler::after`] sees it.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// A worker's endpoints.
 pub trait Handler: Send + Sync + 'static {
     /// What a reply asks for once it has been written (`()` when there is nothing).
     type After: Default + Send;
 
-    /// Answers one request; its body has already been read and discarded.
+    /// Answers one request (every path but `/health`); its body has already been read and
+    /// discarded.
     fn handle(&self, req: &Request) -> impl Future<Output = Reply<Self::After>> + Send;
+
+    /// Answers `/health`, the path tqproxy's health checks ask (`health: { path: /health }`):
+    /// `200 ok` unless the worker says otherwise.
+    fn health(&self) -> impl Future<Output = Reply<Self::After>> + Send {
+        async { Reply::text(200, "ok\n") }
+    }
 
     /// Runs once a reply has been written (whether or not the write succeeded), before the
     /// connection reads its next request.
-    fn after(
-        &self,
-        _after: Self::After,
-        _stream: &mut TcpStream,
-    ) -> impl Future<Output = ()> + Send {
+    fn after(&self, _after: Self::After, _stream: &mut dyn Io) -> impl Future<Output = ()> + Send {
         async {}
     }
 }
 
+/// A request head (the body is not kept).
+#[derive(Debug)]
 pub struct Request {
     pub method: String,
+    /// The path, without the query string.
     pub path: String,
+    /// The raw query string (without `?`; see [`query_param`]).
     pub query: String,
     pub http10: bool,
     pub keep_alive: bool,
 }
 
+/// A reply; the kit adds `Content-Length`, the identity headers and `Connection`.
 pub struct Reply<A = ()> {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Vec<u8>,
+    /// What [`Handler::after`] gets once the reply has been written.
     pub after: A,
 }
 
 impl<A: Default> Reply<A> {
+    /// A `text/plain` reply.
     pub fn text(status: u16, body: impl Into<String>) -> Reply<A> {
         Reply {
             status,
@@ -84,6 +89,7 @@ impl<A: Default> Reply<A> {
         }
     }
 
+    /// A `200` `application/json` reply (one line).
     pub fn json(value: Value) -> Reply<A> {
         let mut body = value.to_string().into_bytes();
         body.push(b'\n');
@@ -97,73 +103,12 @@ impl<A: Default> Reply<A> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Start-up
+// Serving
 
-/// A non-empty environment variable.
-pub fn env_var(key: &str) -> Option<String> {
-    std::env::var(key).ok().filter(|v| !v.is_empty())
-}
-
-/// `s` without control characters (it ends up in response headers and log lines).
-pub fn clean(s: String) -> String {
-    s.chars().filter(|c| !c.is_control()).collect()
-}
-
-/// The worker's identity and port, from the environment tqproxy sets.
-pub struct Worker {
-    pub instance: String,
-    pub generation: String,
-    port: u16,
-    /// The identity response headers, each ending in CRLF.
-    ident: String,
-    /// Set once a signal asked us to stop: connections close after their current request.
-    stopping: AtomicBool,
-}
-
-impl Worker {
-    /// Reads `PORT` (exits with 2 when it is missing or not a port number) and
-    /// `WORKER_NAME`/`WORKER_INSTANCE`/`WORKER_GENERATION` (defaults `PROG`, `0`, `0`).
-    pub fn from_env() -> Worker {
-        let Some(port) = env_var("PORT") else {
-            // `transport: unix` sets no PORT: say that this worker cannot serve it.
-            match crate::listen::inherited_listener() {
-                Err(e) => log!("{e}"),
-                Ok(_) => log!("PORT is not set"),
-            }
-            std::process::exit(2);
-        };
-        let Ok(port) = port.trim().parse::<u16>() else {
-            log!("PORT={port:?} is not a port number");
-            std::process::exit(2);
-        };
-        let (name, instance, generation) = (
-            clean(env_var("WORKER_NAME").unwrap_or_else(|| crate::PROG.into())),
-            clean(env_var("WORKER_INSTANCE").unwrap_or_else(|| "0".into())),
-            clean(env_var("WORKER_GENERATION").unwrap_or_else(|| "0".into())),
-        );
-        let ident =
-            format!("X-Worker: {name}\r\nX-Instance: {instance}\r\nX-Generation: {generation}\r\n");
-        Worker {
-            instance,
-            generation,
-            port,
-            ident,
-            stopping: AtomicBool::new(false),
-        }
-    }
-}
-
-/// fd 3 when tqproxy passed a listening socket (see `listen.rs`); a passed but unusable fd 3
-/// is logged and ignored.
-pub fn inherited_listener() -> Option<std::net::TcpListener> {
-    crate::listen::inherited_listener().unwrap_or_else(|e| {
-        log!("{e}");
-        None
-    })
-}
-
-/// Serves on a current-thread runtime until SIGTERM/SIGINT, then exits the process.
-pub fn run<H: Handler>(worker: Worker, handler: H, inherited: Option<std::net::TcpListener>) -> ! {
+/// Serves `handler` on a current-thread runtime until SIGTERM/SIGINT, then exits the process:
+/// 0 once every request in flight has been answered, 143/130 on a second signal, 1 when it
+/// cannot listen.
+pub fn serve<H: Handler>(worker: Worker, handler: H) -> ! {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -174,17 +119,65 @@ pub fn run<H: Handler>(worker: Worker, handler: H, inherited: Option<std::net::T
             std::process::exit(1);
         }
     };
-    let server = Arc::new(Server { worker, handler });
-    let code = runtime.block_on(serve(server, inherited));
+    let code = runtime.block_on(run(worker, handler));
     std::process::exit(code);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Serving
-
 struct Server<H> {
-    worker: Worker,
     handler: H,
+    /// The identity response headers, each ending in CRLF.
+    ident: String,
+    /// Set once a signal asked us to stop: connections close after their current request.
+    stopping: AtomicBool,
+}
+
+/// Where connections come from.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    async fn open(worker: &mut Worker) -> io::Result<(Listener, String)> {
+        let listener = match worker.inherited.take() {
+            Some(Inherited::Tcp(l)) => Listener::Tcp(TcpListener::from_std(l)?),
+            Some(Inherited::Unix(l)) => Listener::Unix(UnixListener::from_std(l)?),
+            None => {
+                let addr = SocketAddr::from(([127, 0, 0, 1], worker.port.unwrap_or(0)));
+                Listener::Tcp(TcpListener::bind(addr).await?)
+            }
+        };
+        let addr = match &listener {
+            Listener::Tcp(l) => l.local_addr()?.to_string(),
+            Listener::Unix(l) => match l.local_addr()?.as_pathname() {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "an unnamed unix socket".into(),
+            },
+        };
+        Ok((listener, addr))
+    }
+
+    /// Accepts one connection and starts its task.
+    async fn accept_and_spawn<H: Handler>(
+        &self,
+        server: &Arc<Server<H>>,
+        stop: &watch::Receiver<bool>,
+        done: &mpsc::Sender<()>,
+    ) -> io::Result<()> {
+        let (server, stop, done) = (server.clone(), stop.clone(), done.clone());
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, _) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(connection(stream, server, stop, done));
+            }
+            Listener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                tokio::spawn(connection(stream, server, stop, done));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// EMFILE and friends: the caller backs off instead of spinning and never exits; this logs at
@@ -197,19 +190,14 @@ fn log_accept_error(e: &io::Error, (count, last): &mut (u64, Option<std::time::I
     }
 }
 
-async fn serve<H: Handler>(
-    server: Arc<Server<H>>,
-    inherited: Option<std::net::TcpListener>,
-) -> i32 {
-    let worker = &server.worker;
-    let bound = match inherited {
-        Some(l) => TcpListener::from_std(l),
-        None => TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], worker.port))).await,
-    };
-    let listener = match bound {
+async fn run<H: Handler>(mut worker: Worker, handler: H) -> i32 {
+    let (listener, addr) = match Listener::open(&mut worker).await {
         Ok(l) => l,
         Err(e) => {
-            log!("cannot listen on 127.0.0.1:{}: {e}", worker.port);
+            log!(
+                "cannot listen on 127.0.0.1:{}: {e}",
+                worker.port.unwrap_or(0)
+            );
             return 1;
         }
     };
@@ -220,32 +208,34 @@ async fn serve<H: Handler>(
         log!("cannot install signal handlers");
         return 1;
     };
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
     let (pid, inst, generation) = (std::process::id(), &worker.instance, &worker.generation);
     log!("instance {inst} gen {generation} listening on {addr} (pid {pid})");
+    let server = Arc::new(Server {
+        handler,
+        ident: format!(
+            "X-Worker: {}\r\nX-Instance: {inst}\r\nX-Generation: {generation}\r\n",
+            worker.name
+        ),
+        stopping: AtomicBool::new(false),
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Every connection task holds a clone of `done_tx`; `done_rx` yields `None` once all are gone.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let mut accept_errors = (0u64, None);
     let signame = loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(connection(stream, server.clone(), stop_rx.clone(), done_tx.clone()));
-                }
-                Err(e) => {
+            accepted = listener.accept_and_spawn(&server, &stop_rx, &done_tx) => {
+                if let Err(e) = accepted {
                     log_accept_error(&e, &mut accept_errors);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-            },
+            }
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
     };
     drop(listener);
-    worker.stopping.store(true, Ordering::SeqCst);
+    server.stopping.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     drop(done_tx);
     tokio::select! {
@@ -436,32 +426,40 @@ fn render<A>(ident: &str, req: Option<&Request>, reply: &Reply<A>, close: bool) 
     out
 }
 
+/// Reads what has already arrived, without waiting: false when nothing has (or EOF, error).
+async fn read_ready<S: Io>(stream: &mut S, buf: &mut BytesMut) -> bool {
+    let mut read = pin!(stream.read_buf(buf));
+    std::future::poll_fn(|cx| {
+        Poll::Ready(matches!(read.as_mut().poll(cx), Poll::Ready(Ok(n)) if n > 0))
+    })
+    .await
+}
+
 /// Reads more into `buf`; false on EOF, error, idle timeout, or shutdown while `idle`.
-async fn fill(
-    stream: &mut TcpStream,
+async fn fill<S: Io>(
+    stream: &mut S,
     buf: &mut BytesMut,
     stop: &mut watch::Receiver<bool>,
-    worker: &Worker,
+    stopping: &AtomicBool,
     idle: bool,
 ) -> bool {
     buf.reserve(8192);
-    if idle && worker.stopping.load(Ordering::SeqCst) {
-        return matches!(stream.try_read_buf(buf), Ok(n) if n > 0);
+    if idle && stopping.load(Ordering::SeqCst) {
+        return read_ready(stream, buf).await;
     }
     tokio::select! {
         r = tokio::time::timeout(IDLE_TIMEOUT, stream.read_buf(buf)) => matches!(r, Ok(Ok(n)) if n > 0),
-        _ = stop.changed(), if idle => matches!(stream.try_read_buf(buf), Ok(n) if n > 0),
+        _ = stop.changed(), if idle => read_ready(stream, buf).await,
     }
 }
 
-async fn connection<H: Handler>(
-    mut stream: TcpStream,
+async fn connection<H: Handler, S: Io>(
+    mut stream: S,
     server: Arc<Server<H>>,
     mut stop: watch::Receiver<bool>,
     _done: mpsc::Sender<()>,
 ) {
-    let worker = &server.worker;
-    let _ = stream.set_nodelay(true);
+    let stopping = &server.stopping;
     let mut buf = BytesMut::with_capacity(8192);
     let error = loop {
         let parsed = if buf.is_empty() {
@@ -473,7 +471,7 @@ async fn connection<H: Handler>(
             Ok(Some(p)) => p,
             Ok(None) => {
                 let idle = buf.is_empty();
-                if !fill(&mut stream, &mut buf, &mut stop, worker, idle).await {
+                if !fill(&mut stream, &mut buf, &mut stop, stopping, idle).await {
                     break None;
                 }
                 continue;
@@ -491,7 +489,7 @@ async fn connection<H: Handler>(
                 if left == 0 {
                     break Ok(());
                 }
-                if !fill(&mut stream, &mut buf, &mut stop, worker, false).await {
+                if !fill(&mut stream, &mut buf, &mut stop, stopping, false).await {
                     break Err(None);
                 }
             },
@@ -503,7 +501,7 @@ async fn connection<H: Handler>(
                     }
                     Ok(None) if buf.len() > 16 << 20 => break Err(Some(413)),
                     Ok(None) => {
-                        if !fill(&mut stream, &mut buf, &mut stop, worker, false).await {
+                        if !fill(&mut stream, &mut buf, &mut stop, stopping, false).await {
                             break Err(None);
                         }
                     }
@@ -514,10 +512,14 @@ async fn connection<H: Handler>(
         if let Err(status) = skipped {
             break status;
         }
-        let reply = server.handler.handle(&req).await;
-        let close = !req.keep_alive || worker.stopping.load(Ordering::SeqCst);
+        let reply = if req.path == "/health" {
+            server.handler.health().await
+        } else {
+            server.handler.handle(&req).await
+        };
+        let close = !req.keep_alive || stopping.load(Ordering::SeqCst);
         let written = stream
-            .write_all(&render(&worker.ident, Some(&req), &reply, close))
+            .write_all(&render(&server.ident, Some(&req), &reply, close))
             .await;
         server.handler.after(reply.after, &mut stream).await;
         if written.is_err() || close {
@@ -530,7 +532,7 @@ async fn connection<H: Handler>(
             format!("{status} {}\n", reason(status).to_lowercase()),
         );
         let _ = stream
-            .write_all(&render(&worker.ident, None, &reply, true))
+            .write_all(&render(&server.ident, None, &reply, true))
             .await;
     }
     // Close our side, then drain briefly so unread input does not turn into a RST.
@@ -545,7 +547,6 @@ async fn connection<H: Handler>(
     }
 }
 
-// These run in each including binary's test harness.
 #[cfg(test)]
 mod tests {
     use super::*;

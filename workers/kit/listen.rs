@@ -1,7 +1,6 @@
 //! Socket passing (the worker contract's `LISTEN_FDS`): the listening socket tqproxy created
 //! for an instance arrives as fd 3 — a TCP socket (network namespace, `pass_socket`) or a unix
-//! stream socket (`transport: unix`). Shared by every example worker (`#[path]`-included; each
-//! binary declares `mod listen`).
+//! stream socket (`transport: unix`). Used by every example worker, the backend included.
 
 use std::io;
 use std::net::TcpListener;
@@ -79,9 +78,8 @@ pub fn inherited() -> Result<Option<Inherited>, String> {
         .map_err(|e| format!("fd 3: cannot make it non-blocking: {e}"))
 }
 
-/// Like [`inherited`], for workers that serve TCP only (`chaos`, `probe`): a passed unix
-/// socket is an error that says so.
-#[allow(dead_code)]
+/// Like [`inherited`], for workers that serve TCP only (`rawecho`): a passed unix socket is an
+/// error that says so.
 pub fn inherited_listener() -> Result<Option<TcpListener>, String> {
     match inherited()? {
         None => Ok(None),
