@@ -106,13 +106,20 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Run {
             watch,
             upgrade_from,
-        } => crate::server::run(
-            &cli.config,
-            crate::server::RunOptions {
+        } => {
+            let opts = crate::server::RunOptions {
                 watch,
                 upgrade_from,
-            },
-        ),
+            };
+            match crate::server::run(&cli.config, opts) {
+                // A stop that outlasted pingora's grace period exits 0 too: the stop was asked for.
+                Ok(_stopped) => 0,
+                Err(e) => {
+                    eprintln!("{e}");
+                    1
+                }
+            }
+        }
         Command::Upgrade {
             ref binary,
             timeout,

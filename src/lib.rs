@@ -18,7 +18,11 @@
 //! - [`control`]: the JSON protocol over the unix control socket, server and client.
 //! - [`metrics`]: every Prometheus metric; [`admin`]: /metrics, /status, /healthz.
 //! - [`access_log`], [`timefmt`]: request logging.
-//! - [`server`]: composition root of `tqproxy run`; [`cli`]: the verbs.
+//! - [`server`]: composition root of `tqproxy run`; [`signals`]: what each signal does;
+//!   [`cli`]: the verbs.
+
+// `unsafe` lives in `sandbox` only, where every block carries its `// SAFETY:` line.
+#![deny(unsafe_code)]
 
 pub mod access_log;
 pub mod admin;
@@ -28,8 +32,10 @@ pub mod control;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;
+#[allow(unsafe_code)]
 pub mod sandbox;
 pub mod server;
+pub mod signals;
 pub mod supervisor;
 pub mod timefmt;
 pub mod tls;

@@ -1,4 +1,7 @@
-//! `tqproxy`: parse the command line, dispatch, exit with the verb's code.
+//! `tqproxy`: parse the command line, dispatch, exit with the verb's code. The only place the
+//! process exits (but for the sandbox helper, which execs or exits on its own).
+
+#![deny(unsafe_code)]
 
 use clap::Parser;
 

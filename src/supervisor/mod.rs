@@ -465,7 +465,7 @@ pub async fn wait_exited(rx: &mut watch::Receiver<Phase>) {
 }
 
 /// What the owner task needs when the service starts.
-type Init = (Arc<Config>, mpsc::UnboundedReceiver<Msg>, Arc<RouteHandle>);
+type Init = (Arc<Config>, Owner, mpsc::UnboundedReceiver<Msg>);
 
 /// The supervisor as a pingora background service.
 pub struct Supervisor {
@@ -473,26 +473,30 @@ pub struct Supervisor {
     init: std::sync::Mutex<Option<Init>>,
     /// Called once every initial instance is ready (or failed): systemd READY=1.
     on_ready: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
-    /// Called after a graceful shutdown finished: flush and exit the process.
+    /// Called after a graceful shutdown finished (every instance stopped).
     on_stopped: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
     watch: std::sync::atomic::AtomicBool,
 }
 
 impl Supervisor {
-    pub fn new(config: Arc<Config>, routes: Arc<RouteHandle>) -> Supervisor {
+    /// Sets up the owner (cgroup tree, logs directory) now, so that a failure is a startup
+    /// error; its task starts with the service.
+    pub fn new(config: Arc<Config>, routes: Arc<RouteHandle>) -> Result<Supervisor, String> {
         let (tx, rx) = mpsc::unbounded_channel();
-        Supervisor {
-            handle: SupervisorHandle {
-                tx,
-                tls_reloader: Default::default(),
-                locks: Default::default(),
-                reload_lock: Default::default(),
-            },
-            init: std::sync::Mutex::new(Some((config, rx, routes))),
+        let handle = SupervisorHandle {
+            tx,
+            tls_reloader: Default::default(),
+            locks: Default::default(),
+            reload_lock: Default::default(),
+        };
+        let owner = Owner::new(config.clone(), routes, handle.clone())?;
+        Ok(Supervisor {
+            handle,
+            init: std::sync::Mutex::new(Some((config, owner, rx))),
             on_ready: std::sync::Mutex::new(None),
             on_stopped: std::sync::Mutex::new(None),
             watch: std::sync::atomic::AtomicBool::new(false),
-        }
+        })
     }
 
     /// Development hot reload (`run --watch`).
@@ -520,7 +524,7 @@ impl pingora::services::background::BackgroundService for Supervisor {
         mut shutdown: pingora::server::ShutdownWatch,
         ready_notifier: pingora::services::ServiceReadyNotifier,
     ) {
-        let Some((config, rx, routes)) = self.init.lock().unwrap_or_else(|p| p.into_inner()).take()
+        let Some((config, owner, rx)) = self.init.lock().unwrap_or_else(|p| p.into_inner()).take()
         else {
             return;
         };
@@ -535,14 +539,6 @@ impl pingora::services::background::BackgroundService for Supervisor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let owner = match Owner::new(config.clone(), routes, handle.clone()) {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(error = %e, "supervisor cannot start");
-                ready_notifier.notify_ready();
-                return;
-            }
-        };
         let owner_task = tokio::spawn(owner.run(rx));
         let watch = self.watch.load(Ordering::Relaxed);
         // Initial start: every worker to its desired count, in parallel.
@@ -580,22 +576,6 @@ impl pingora::services::background::BackgroundService for Supervisor {
                 iv.tick().await;
                 if h.tx.send(Msg::Tick).is_err() {
                     return;
-                }
-            }
-        });
-        // SIGHUP = reload.
-        let h = handle.clone();
-        tokio::spawn(async move {
-            let Ok(mut hup) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            else {
-                return;
-            };
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading");
-                let o = h.request(Request::Reload).await;
-                for l in &o.lines {
-                    tracing::info!(worker = %l.worker, ok = l.ok, "{}", l.message);
                 }
             }
         });

@@ -616,3 +616,78 @@ fn a_deleted_control_socket_is_bound_again() {
         "the re-bound socket is removed at exit"
     );
 }
+
+/// Runs `tqproxy run` on `env` expecting it to refuse to start: returns its exit code and its
+/// output. Panics if it is still running after 30 s (it would be serving without what it
+/// could not set up).
+fn refused_start(env: &Env) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(TQPROXY)
+        .arg("-c")
+        .arg(env.conf())
+        .arg("run")
+        .env("TQPROXY_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tqproxy");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let o = child.wait_with_output().expect("wait");
+            panic!(
+                "tqproxy kept running instead of refusing to start:\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().expect("wait");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.code(), text)
+}
+
+/// A listen address that another process holds: `run` exits 1 naming it, before any worker
+/// starts, and leaves no control socket behind (pingora would bind it only once the workers
+/// are up, and a failure there left tqproxy running without that listener).
+#[test]
+fn run_exits_1_naming_a_listen_address_that_does_not_bind() {
+    let env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 1, "")]);
+    let _held = std::net::TcpListener::bind(env.listen).expect("hold the listen address");
+    let (code, out) = refused_start(&env);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("cannot listen on {} (listener)", env.listen)),
+        "{out}"
+    );
+    assert!(!out.contains("all workers started"), "{out}");
+    assert!(!env.socket().exists(), "control socket left behind");
+}
+
+/// A TLS listener whose certificate cannot be read: `run` exits 1 naming the listener and the
+/// file.
+#[test]
+fn run_exits_1_naming_a_certificate_it_cannot_read() {
+    let env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 1, "")]);
+    let tls_port = env.ports.1;
+    let global = format!(
+        "listen:\n  - \"{}\"\n  - addr: \"127.0.0.1:{tls_port}\"\n    tls: {{ cert: tls/gone.pem, key: tls/gone.key }}\nports: \"{}-{}\"\nproxy: {{ threads: 1 }}\ncgroups: {{ base: tqproxy-it }}\ncontrol: {{ admin: off }}\n",
+        env.listen,
+        env.ports.0,
+        env.ports.1 - 1,
+    );
+    std::fs::write(env.conf(), global).unwrap();
+    let (code, out) = refused_start(&env);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("listen[1].tls") && out.contains("cannot read") && out.contains("gone.pem"),
+        "{out}"
+    );
+    assert!(!env.socket().exists(), "control socket left behind");
+}
