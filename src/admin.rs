@@ -12,8 +12,8 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::metrics::METRICS;
+use crate::status::StatusReport;
 use crate::supervisor::SupervisorHandle;
-use crate::supervisor::status::StatusReport;
 
 const STATUS_PAGE: &str = include_str!("admin/status.html");
 

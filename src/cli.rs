@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, Strategy};
 use crate::control::{ControlRequest, ControlResponse, call};
-use crate::supervisor::status::Outcome;
+use crate::status::Outcome;
 
 #[derive(Debug, Parser)]
 #[command(

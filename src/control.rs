@@ -16,7 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
 use crate::config::Strategy;
-use crate::supervisor::status::{Outcome, StatusReport};
+use crate::status::{Outcome, StatusReport};
 use crate::supervisor::{Request, SupervisorHandle};
 
 /// Largest request accepted.

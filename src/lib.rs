@@ -16,6 +16,8 @@
 //! - [`supervisor`]: the single owner of instance state: lifecycle, health, deploys.
 //! - [`sandbox`]: the only `unsafe`: the spawn helper, cgroups, namespaces, seccomp, landlock.
 //! - [`control`]: the JSON protocol over the unix control socket, server and client.
+//! - [`status`]: the status document and the outcome of a change: plain data shared by the
+//!   supervisor, the control socket, the CLI and metrics.
 //! - [`metrics`]: every Prometheus metric; [`admin`]: /metrics, /status, /healthz.
 //! - [`access_log`], [`timefmt`]: request logging.
 //! - [`server`]: composition root of `tqproxy run`; [`signals`]: what each signal does;
@@ -36,6 +38,7 @@ pub mod routes;
 pub mod sandbox;
 pub mod server;
 pub mod signals;
+pub mod status;
 pub mod supervisor;
 pub mod timefmt;
 pub mod tls;

@@ -1,9 +1,10 @@
 //! Every metric in one place (Prometheus text format, `GET /metrics` on the admin listener).
 //!
 //! The request path only touches pre-resolved handles ([`WorkerMetrics`]): no label lookup,
-//! no lock, a few relaxed atomic adds per request. Gauges that the supervisor knows anyway
+//! no lock, a few relaxed atomic adds per request. Gauges that the process manager knows anyway
 //! (instances per state, memory, CPU, in-flight) are filled in once a second by its tick and
-//! again at scrape time instead of on every change.
+//! again at scrape time ([`Metrics::refresh_from`] a [`StatusReport`]) instead of on every
+//! change. This module is a leaf: everything writes to it, it imports only plain data.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -38,6 +39,8 @@ use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::status::StatusReport;
 
 /// Status classes, indexed by `status / 100 - 1`.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -436,7 +439,7 @@ impl Metrics {
     /// Sets the per-worker gauges that come from a status document (`in_flight` and the
     /// instance counts per state), so a scrape never shows values older than itself; the gauges
     /// of workers that are gone (removed by a reload) are dropped.
-    pub fn refresh_from(&self, st: &crate::supervisor::status::StatusReport) {
+    pub fn refresh_from(&self, st: &StatusReport) {
         let now: BTreeSet<String> = st.workers.iter().map(|w| w.name.clone()).collect();
         let mut seen = self
             .gauged_workers
@@ -665,7 +668,7 @@ mod tests {
 
     #[test]
     fn refresh_sets_worker_gauges_and_drops_gone_workers() {
-        let doc = |workers: serde_json::Value| -> crate::supervisor::status::StatusReport {
+        let doc = |workers: serde_json::Value| -> StatusReport {
             serde_json::from_value(serde_json::json!({
                 "pid": 1, "version": "0", "uptime_secs": 1.0, "config": "c", "listen": [],
                 "admin": null, "cgroups": null, "state": "running", "workers": workers,

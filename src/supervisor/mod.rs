@@ -34,7 +34,7 @@ pub mod ports;
 pub mod sockets;
 mod spec;
 mod stats;
-pub mod status;
+pub use crate::status;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tqproxy::supervisor::status::{InstanceStatus, StatusReport, WorkerStatus};
+use tqproxy::status::{InstanceStatus, StatusReport, WorkerStatus};
 
 pub const TQPROXY: &str = env!("CARGO_BIN_EXE_tqproxy");
 

@@ -190,7 +190,7 @@ fn rolling_restart_and_kill_9_under_load_fail_nothing_and_leave_no_socket() {
     env.ok(&["restart", "w"]);
     load.wait_progress(200);
     let after = env.wait_ready("w", 2);
-    let ids = |v: &[tqproxy::supervisor::status::InstanceStatus]| -> BTreeSet<u64> {
+    let ids = |v: &[tqproxy::status::InstanceStatus]| -> BTreeSet<u64> {
         v.iter().map(|i| i.id).collect()
     };
     assert!(ids(&before).is_disjoint(&ids(&after)), "{after:?}");

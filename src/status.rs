@@ -1,5 +1,8 @@
 //! The status document: `tqproxy status --json`, `GET /status.json`, and the input of the
 //! terminal table. Plain data, serialisable both ways (the CLI reads what the server writes).
+//!
+//! A leaf, like [`crate::metrics`]: the supervisor, the control socket, the CLI, the admin
+//! listener and the metrics read or write these types, and this module imports none of them.
 
 use std::collections::BTreeMap;
 
