@@ -1,7 +1,9 @@
 //! Command line: clap types and one small function per verb.
 //!
-//! Exit codes: 0 = done, 1 = the operation failed (or the config is invalid), 2 = bad usage,
-//! 3 = tqproxy is not running / not reachable.
+//! Exit codes ([`EXIT_CODES`], also in the README): 0 = done, 1 = the operation failed,
+//! 2 = bad usage or a refused request, 3 = tqproxy is not running / not reachable, and 4 to 8
+//! for the kinds of failure a script may want to tell apart ([`ErrorKind::exit_code`]): the
+//! kind comes over the control socket with the failure, never from its text.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,13 +12,27 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, Strategy};
 use crate::control::{ControlRequest, ControlResponse, call};
-use crate::status::Outcome;
+use crate::status::{ErrorKind, Outcome};
+
+/// The exit codes of every verb, for `--help` (the README's CLI section has the same table).
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  done: the change fully applied
+  1  the operation failed (the reason is printed); `check`: the configuration is invalid
+  2  bad usage, or a request tqproxy refused as invalid
+  3  cannot reach tqproxy (not running: no socket, connection refused)
+  4  no such worker
+  5  the worker is busy with another change (or already exists); try again
+  6  tqproxy is shutting down
+  7  the configuration on disk is invalid; nothing changed
+  8  nothing to roll back to";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "tqproxy",
     version,
-    about = "HTTP front end and process manager for worker processes"
+    about = "HTTP front end and process manager for worker processes",
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     /// The global configuration file (relative paths inside it resolve against its directory).
@@ -200,7 +216,7 @@ fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
     // The new process will read the same files: refuse early if they are broken.
     if let Err(e) = Config::load(&cli.config) {
         eprintln!("configuration invalid, nothing changed:\n{e}");
-        return 1;
+        return ErrorKind::InvalidConfig.exit_code();
     }
     let (socket, rt) = match client_setup(cli) {
         Ok(x) => x,
@@ -219,13 +235,17 @@ fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
     let ask = |req: ControlRequest| rt.block_on(call(&socket, &req, Duration::from_secs(10)));
     let old = match ask(ControlRequest::Ping {}) {
         Ok(ControlResponse::Pong { pid, .. }) => pid,
+        Ok(ControlResponse::Error { message, kind }) => {
+            eprintln!("error: {message}");
+            return kind.exit_code();
+        }
         Ok(other) => {
             eprintln!("unexpected response: {other:?}");
             return 1;
         }
         Err(e) => {
             eprintln!("{e}");
-            return 3;
+            return e.exit_code();
         }
     };
     let started = Instant::now();
@@ -233,9 +253,9 @@ fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
         binary: exe.clone(),
     }) {
         Ok(ControlResponse::Upgrading { pid, log }) => (pid, log),
-        Ok(ControlResponse::Error { message }) => {
+        Ok(ControlResponse::Error { message, kind }) => {
             eprintln!("error: {message}");
-            return 1;
+            return kind.exit_code();
         }
         Ok(other) => {
             eprintln!("unexpected response: {other:?}");
@@ -243,7 +263,7 @@ fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
         }
         Err(e) => {
             eprintln!("{e}");
-            return 1;
+            return e.exit_code();
         }
     };
     println!(
@@ -282,6 +302,17 @@ fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
     }
 }
 
+/// The exit code of a verb answered with `o`: 0 when it fully applied, else the exit code of
+/// the first failed line's kind (1 for a failure without a kind).
+fn outcome_exit_code(o: &Outcome) -> i32 {
+    if o.ok {
+        return 0;
+    }
+    o.first_failure()
+        .and_then(|l| l.kind)
+        .map_or(1, ErrorKind::exit_code)
+}
+
 fn print_outcome(o: &Outcome) -> i32 {
     for l in &o.lines {
         let mark = if l.ok { "ok" } else { "FAILED" };
@@ -291,7 +322,7 @@ fn print_outcome(o: &Outcome) -> i32 {
             println!("{}: {mark}: {}", l.worker, l.message);
         }
     }
-    if o.ok { 0 } else { 1 }
+    outcome_exit_code(o)
 }
 
 async fn client(cmd: &Command, socket: &Path) -> i32 {
@@ -335,7 +366,7 @@ async fn client(cmd: &Command, socket: &Path) -> i32 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");
-            return 3;
+            return e.exit_code();
         }
     };
     match (cmd, resp) {
@@ -373,13 +404,113 @@ async fn client(cmd: &Command, socket: &Path) -> i32 {
             0
         }
         (_, ControlResponse::Outcome(o)) => print_outcome(&o),
-        (_, ControlResponse::Error { message }) => {
+        (_, ControlResponse::Error { message, kind }) => {
             eprintln!("error: {message}");
-            1
+            kind.exit_code()
         }
         (_, other) => {
             eprintln!("unexpected response: {other:?}");
             1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::parse_response;
+
+    /// The exit code of the answer `json`, as the CLI reads it from the socket.
+    fn exit_code_of(json: &str) -> i32 {
+        match parse_response(json.as_bytes()).unwrap() {
+            ControlResponse::Outcome(o) => outcome_exit_code(&o),
+            ControlResponse::Error { kind, .. } => kind.exit_code(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_outcome_exits_with_its_first_failed_lines_kind() {
+        let outcome = |lines: &str| {
+            let ok = !lines.contains(r#""ok":false"#);
+            exit_code_of(&format!(
+                r#"{{"type":"outcome","ok":{ok},"lines":[{lines}]}}"#
+            ))
+        };
+        assert_eq!(outcome(r#"{"worker":"w","ok":true,"message":"scaled"}"#), 0);
+        assert_eq!(
+            outcome(
+                r#"{"worker":"a","ok":true,"message":"kept"},
+                   {"worker":"w","ok":false,"message":"no worker named `w`","kind":"no_such_worker"},
+                   {"worker":"b","ok":false,"message":"busy","kind":"busy"}"#
+            ),
+            4
+        );
+        assert_eq!(
+            outcome(r#"{"worker":"w","ok":false,"message":"m","kind":"busy"}"#),
+            5
+        );
+        assert_eq!(
+            outcome(r#"{"worker":"-","ok":false,"message":"m","kind":"invalid_config"}"#),
+            7
+        );
+        // A failure without a kind (an older tqproxy, or a line such as "listen changed"):
+        // 1, even when a later line has one.
+        assert_eq!(
+            outcome(
+                r#"{"worker":"-","ok":false,"message":"listen changed"},
+                   {"worker":"w","ok":false,"message":"m","kind":"busy"}"#
+            ),
+            1
+        );
+        assert_eq!(outcome(r#"{"worker":"w","ok":false,"message":"m"}"#), 1);
+    }
+
+    #[test]
+    fn an_error_response_exits_with_its_kind() {
+        let error = |kind: &str| {
+            exit_code_of(&format!(
+                r#"{{"type":"error","message":"m"{}}}"#,
+                if kind.is_empty() {
+                    String::new()
+                } else {
+                    format!(r#","kind":"{kind}""#)
+                }
+            ))
+        };
+        assert_eq!(error("bad_request"), 2);
+        assert_eq!(error("no_such_worker"), 4);
+        assert_eq!(error("shutting_down"), 6);
+        assert_eq!(error("start_failed"), 1);
+        // An older tqproxy's error without a kind: a failure, 1.
+        assert_eq!(error(""), 1);
+    }
+
+    #[test]
+    fn the_help_lists_every_exit_code() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        let listed: Vec<i32> = help
+            .lines()
+            .skip_while(|l| !l.starts_with("Exit codes:"))
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert_eq!(listed, (0..=8).collect::<Vec<_>>(), "{help}");
+        for kind in [
+            ErrorKind::NoSuchWorker,
+            ErrorKind::WorkerExists,
+            ErrorKind::Busy,
+            ErrorKind::ShuttingDown,
+            ErrorKind::StartFailed,
+            ErrorKind::NotReady,
+            ErrorKind::DeployFailed,
+            ErrorKind::NothingToRollBack,
+            ErrorKind::InvalidConfig,
+            ErrorKind::BadRequest,
+            ErrorKind::Internal,
+        ] {
+            assert!(listed.contains(&kind.exit_code()), "{kind:?}");
         }
     }
 }

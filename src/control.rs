@@ -3,6 +3,11 @@
 //! One request per connection: the client writes one JSON line, the server answers with one
 //! JSON line when the operation has finished (a reload returns when every swap is done).
 //! Malformed or oversized requests get an error response; the connection is then closed.
+//!
+//! Every failure carries an [`ErrorKind`] next to its message: in an outcome's lines (from the
+//! supervisor) and in [`ControlResponse::Error`] (the control service's own refusals,
+//! [`ControlError`]). The CLI's exit code comes from that kind; [`CallError`] is what can go
+//! wrong on the client's side before there is an answer.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -16,11 +21,16 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
 use crate::config::Strategy;
-use crate::status::{Outcome, StatusReport};
+use crate::status::{ErrorKind, Failure, Outcome, StatusReport};
 use crate::supervisor::{Request, SupervisorHandle};
 
 /// Largest request accepted.
 const MAX_REQUEST: usize = 64 * 1024;
+/// Largest response the CLI reads (a status document of hundreds of instances is well under
+/// 1 MiB).
+pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
+/// Most instances a `scale` may ask for (as `instances:` in a worker.yaml).
+const MAX_INSTANCES: u32 = 256;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -53,29 +63,133 @@ pub enum ControlRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ControlResponse {
-    Pong { pid: u32, version: String },
+    Pong {
+        pid: u32,
+        version: String,
+    },
     Status(StatusReport),
     Outcome(Outcome),
-    Stopping { pid: u32 },
-    Upgrading { pid: u32, log: PathBuf },
-    Error { message: String },
+    Stopping {
+        pid: u32,
+    },
+    Upgrading {
+        pid: u32,
+        log: PathBuf,
+    },
+    /// The request was refused or failed before reaching a worker. `kind` is absent from an
+    /// older tqproxy's answer: it then reads as [`ErrorKind::Internal`].
+    Error {
+        message: String,
+        #[serde(default)]
+        kind: ErrorKind,
+    },
+}
+
+impl ControlResponse {
+    /// The error response for `e`: its message and its kind.
+    pub fn error(e: &impl Failure) -> ControlResponse {
+        ControlResponse::Error {
+            message: e.to_string(),
+            kind: e.kind(),
+        }
+    }
+}
+
+/// What the control service refuses or fails at by itself (the supervisor's failures come back
+/// in an [`Outcome`] instead).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("request larger than {MAX_REQUEST} bytes")]
+    RequestTooLarge,
+    #[error("cannot read request: {0}")]
+    Unreadable(String),
+    #[error("timed out waiting for a request")]
+    RequestTimeout,
+    /// Not JSON, not a known command, a missing or unknown field, a wrong type.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("at most {MAX_INSTANCES} instances per worker ({asked} asked)")]
+    TooManyInstances { asked: u32 },
+    #[error("tqproxy is shutting down")]
+    ShuttingDown,
+    /// `upgrade` names something that is not an absolute path to a file.
+    #[error("{} is not an absolute path to a file", .0.display())]
+    NotABinary(PathBuf),
+    /// The successor process could not be started (nothing changed).
+    #[error("cannot start the new tqproxy: {0}")]
+    UpgradeFailed(String),
+}
+
+impl Failure for ControlError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ControlError::RequestTooLarge
+            | ControlError::Unreadable(_)
+            | ControlError::RequestTimeout
+            | ControlError::InvalidRequest(_)
+            | ControlError::TooManyInstances { .. }
+            | ControlError::NotABinary(_) => ErrorKind::BadRequest,
+            ControlError::ShuttingDown => ErrorKind::ShuttingDown,
+            ControlError::UpgradeFailed(_) => ErrorKind::StartFailed,
+        }
+    }
+}
+
+/// Why the CLI has no answer to show: it could not reach tqproxy, or what came back is not a
+/// response. A refusal by tqproxy is not one of these: it is a [`ControlResponse::Error`].
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Nothing accepts connections at the socket (no file, refused, not allowed): tqproxy is
+    /// not running there. The CLI's exit code 3.
+    #[error("cannot reach tqproxy at {}: {cause} (is it running? start it with `tqproxy run`)", .socket.display())]
+    Unreachable {
+        socket: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("cannot encode request: {0}")]
+    Encode(String),
+    #[error("send: {0}")]
+    Send(std::io::Error),
+    #[error("receive: {0}")]
+    Receive(std::io::Error),
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("tqproxy closed the connection without answering")]
+    NoAnswer,
+    #[error("tqproxy's answer is larger than {} MiB; not read", MAX_RESPONSE >> 20)]
+    ResponseTooLarge,
+    #[error("receive: stream did not contain valid UTF-8")]
+    NotUtf8,
+    #[error("bad response: {0}")]
+    BadResponse(String),
+}
+
+impl CallError {
+    /// The CLI's exit code: 3 when tqproxy could not be reached, else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CallError::Unreachable { .. } => 3,
+            _ => 1,
+        }
+    }
 }
 
 /// The server's reading of one request: `line` is what came before the first `\n` (that
 /// included) or before the client closed, of which the server reads at most
-/// `MAX_REQUEST + 1` bytes. Every fault is an error message for the client, never a panic.
-pub fn parse_request(line: &[u8]) -> Result<ControlRequest, String> {
+/// `MAX_REQUEST + 1` bytes. Every fault is an error for the client (of kind
+/// [`ErrorKind::BadRequest`]), never a panic.
+pub fn parse_request(line: &[u8]) -> Result<ControlRequest, ControlError> {
     if line.len() > MAX_REQUEST {
-        return Err(format!("request larger than {MAX_REQUEST} bytes"));
+        return Err(ControlError::RequestTooLarge);
     }
     let text = std::str::from_utf8(line)
-        .map_err(|_| "cannot read request: stream did not contain valid UTF-8".to_string())?;
-    serde_json::from_str(text.trim()).map_err(|e| format!("invalid request: {e}"))
+        .map_err(|_| ControlError::Unreadable("stream did not contain valid UTF-8".to_string()))?;
+    serde_json::from_str(text.trim()).map_err(|e| ControlError::InvalidRequest(e.to_string()))
 }
 
-/// The line the client sends for `req`, `\n` included.
-pub fn encode_request(req: &ControlRequest) -> Result<Vec<u8>, String> {
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+/// The line the client sends for `req`, `\n` included (an error for a path that is not UTF-8).
+pub fn encode_request(req: &ControlRequest) -> Result<Vec<u8>, CallError> {
+    let mut line = serde_json::to_vec(req).map_err(|e| CallError::Encode(e.to_string()))?;
     line.push(b'\n');
     Ok(line)
 }
@@ -85,7 +199,7 @@ pub fn encode_request(req: &ControlRequest) -> Result<Vec<u8>, String> {
 pub fn encode_response(response: &ControlResponse) -> Vec<u8> {
     let mut out = serde_json::to_vec(response).unwrap_or_else(|e| {
         let message = format!("cannot encode response: {e}");
-        serde_json::json!({ "type": "error", "message": message })
+        serde_json::json!({ "type": "error", "message": message, "kind": ErrorKind::Internal })
             .to_string()
             .into_bytes()
     });
@@ -94,14 +208,17 @@ pub fn encode_response(response: &ControlResponse) -> Vec<u8> {
 }
 
 /// The client's reading of the server's answer: `line` is what came before the first `\n`
-/// (that included) or before the server closed.
-pub fn parse_response(line: &[u8]) -> Result<ControlResponse, String> {
+/// (that included) or before the server closed, of which the client reads at most
+/// `MAX_RESPONSE + 1` bytes.
+pub fn parse_response(line: &[u8]) -> Result<ControlResponse, CallError> {
     if line.is_empty() {
-        return Err("tqproxy closed the connection without answering".to_string());
+        return Err(CallError::NoAnswer);
     }
-    let text = std::str::from_utf8(line)
-        .map_err(|_| "receive: stream did not contain valid UTF-8".to_string())?;
-    serde_json::from_str::<ControlResponse>(text).map_err(|e| format!("bad response: {e}"))
+    if line.len() > MAX_RESPONSE {
+        return Err(CallError::ResponseTooLarge);
+    }
+    let text = std::str::from_utf8(line).map_err(|_| CallError::NotUtf8)?;
+    serde_json::from_str::<ControlResponse>(text).map_err(|e| CallError::BadResponse(e.to_string()))
 }
 
 /// Serves the control socket until the process exits.
@@ -220,28 +337,28 @@ pub fn unlink_if_ours(path: &Path, ino: u64) {
 impl ControlService {
     /// `tqproxy run --upgrade-from <our pid>` with `binary`, output appended to
     /// `logs/tqproxy.log`, in its own process group (a terminal's ^C must not reach it).
-    async fn spawn_successor(&self, binary: &Path) -> Result<(u32, PathBuf), String> {
+    async fn spawn_successor(&self, binary: &Path) -> Result<(u32, PathBuf), ControlError> {
         use std::os::unix::process::CommandExt;
         if !binary.is_absolute() || !binary.is_file() {
-            return Err(format!(
-                "{} is not an absolute path to a file",
-                binary.display()
-            ));
+            return Err(ControlError::NotABinary(binary.to_path_buf()));
         }
         let config = self
             .supervisor
             .config()
             .await
-            .ok_or("tqproxy is shutting down")?;
+            .ok_or(ControlError::ShuttingDown)?;
+        let failed = ControlError::UpgradeFailed;
         std::fs::create_dir_all(&config.logs_dir)
-            .map_err(|e| format!("{}: {e}", config.logs_dir.display()))?;
+            .map_err(|e| failed(format!("{}: {e}", config.logs_dir.display())))?;
         let log_path = config.logs_dir.join("tqproxy.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let out = log.try_clone().map_err(|e| e.to_string())?;
+            .map_err(|e| failed(format!("cannot open {}: {e}", log_path.display())))?;
+        let out = log
+            .try_clone()
+            .map_err(|e| failed(format!("{}: {e}", log_path.display())))?;
         let child = std::process::Command::new(binary)
             .arg("-c")
             .arg(&config.file)
@@ -251,7 +368,7 @@ impl ControlService {
             .stderr(log)
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+            .map_err(|e| failed(format!("{}: {e}", binary.display())))?;
         *self.successor_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         tracing::info!(pid = child.id(), binary = %binary.display(), "upgrade: started the new tqproxy");
         Ok((child.id(), log_path))
@@ -301,14 +418,10 @@ impl ControlService {
         )
         .await
         {
-            Err(_) => ControlResponse::Error {
-                message: "timed out waiting for a request".into(),
-            },
-            Ok(Err(e)) => ControlResponse::Error {
-                message: format!("cannot read request: {e}"),
-            },
+            Err(_) => ControlResponse::error(&ControlError::RequestTimeout),
+            Ok(Err(e)) => ControlResponse::error(&ControlError::Unreadable(e.to_string())),
             Ok(Ok(_)) => match parse_request(&line) {
-                Err(message) => ControlResponse::Error { message },
+                Err(e) => ControlResponse::error(&e),
                 Ok(req) => self.dispatch(req).await,
             },
         };
@@ -331,15 +444,13 @@ impl ControlService {
             },
             ControlRequest::Status {} => match s.status().await {
                 Some(st) => ControlResponse::Status(st),
-                None => ControlResponse::Error {
-                    message: "tqproxy is shutting down".into(),
-                },
+                None => ControlResponse::error(&ControlError::ShuttingDown),
             },
             ControlRequest::Scale { worker, instances } => {
-                if instances > 256 {
-                    return ControlResponse::Error {
-                        message: "at most 256 instances per worker".into(),
-                    };
+                if instances > MAX_INSTANCES {
+                    return ControlResponse::error(&ControlError::TooManyInstances {
+                        asked: instances,
+                    });
                 }
                 outcome(s.request(Request::Scale { worker, instances }).await)
             }
@@ -355,7 +466,7 @@ impl ControlService {
             ControlRequest::Reload {} => outcome(s.request(Request::Reload).await),
             ControlRequest::Upgrade { binary } => match self.spawn_successor(&binary).await {
                 Ok((pid, log)) => ControlResponse::Upgrading { pid, log },
-                Err(message) => ControlResponse::Error { message },
+                Err(e) => ControlResponse::error(&e),
             },
             ControlRequest::Stop {} => {
                 // The shutdown itself is triggered by `handle` once this answer is written.
@@ -367,39 +478,34 @@ impl ControlService {
     }
 }
 
-/// Client side: sends one request and waits (up to `timeout`) for the response.
+/// Client side: sends one request and waits (up to `timeout`) for the response, of which it
+/// reads at most [`MAX_RESPONSE`] bytes.
 pub async fn call(
     socket: &Path,
     req: &ControlRequest,
     timeout: Duration,
-) -> Result<ControlResponse, String> {
+) -> Result<ControlResponse, CallError> {
     let work = async {
-        let stream = UnixStream::connect(socket).await.map_err(|e| {
-            format!(
-                "cannot reach tqproxy at {}: {e} (is it running? start it with `tqproxy run`)",
-                socket.display()
-            )
-        })?;
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|cause| CallError::Unreachable {
+                socket: socket.to_path_buf(),
+                cause,
+            })?;
         let (read, mut write) = stream.into_split();
         let line = encode_request(req)?;
-        write
-            .write_all(&line)
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        let mut reader = BufReader::new(read);
+        write.write_all(&line).await.map_err(CallError::Send)?;
+        let mut reader = BufReader::new(read).take(MAX_RESPONSE as u64 + 1);
         let mut resp = Vec::new();
         reader
             .read_until(b'\n', &mut resp)
             .await
-            .map_err(|e| format!("receive: {e}"))?;
+            .map_err(CallError::Receive)?;
         parse_response(&resp)
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!(
-            "no answer within {}",
-            humantime::format_duration(timeout)
-        )),
+        Err(_) => Err(CallError::Timeout(timeout)),
     }
 }
 
@@ -449,28 +555,97 @@ mod tests {
             parse_request(b"{\"cmd\":\"ping\"}\n"),
             Ok(ControlRequest::Ping {})
         );
-        assert!(
-            parse_request(b"\xff\xfe\n")
-                .unwrap_err()
-                .contains("cannot read request")
-        );
+        let refused = |line: &[u8]| {
+            let e = parse_request(line).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::BadRequest, "{e}");
+            e.to_string()
+        };
+        assert!(refused(b"\xff\xfe\n").contains("cannot read request"));
         let big = vec![b' '; MAX_REQUEST + 1];
-        assert!(parse_request(&big).unwrap_err().contains("larger than"));
-        assert!(parse_request(b"").unwrap_err().contains("invalid request"));
+        assert!(refused(&big).contains("larger than"));
+        assert!(refused(b"").contains("invalid request"));
         let req = ControlRequest::Upgrade {
             binary: "/usr/bin/tqproxy".into(),
         };
         assert_eq!(parse_request(&encode_request(&req).unwrap()), Ok(req));
         let resp = ControlResponse::Error {
             message: "two\nlines".into(),
+            kind: ErrorKind::Busy,
         };
         let line = encode_response(&resp);
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
-        assert_eq!(parse_response(&line), Ok(resp));
-        assert!(
-            parse_response(b"")
-                .unwrap_err()
-                .contains("without answering")
+        assert_eq!(parse_response(&line).unwrap(), resp);
+        assert!(matches!(parse_response(b""), Err(CallError::NoAnswer)));
+        let huge = vec![b' '; MAX_RESPONSE + 1];
+        let e = parse_response(&huge).unwrap_err();
+        assert!(matches!(e, CallError::ResponseTooLarge), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "tqproxy's answer is larger than 16 MiB; not read"
+        );
+    }
+
+    #[test]
+    fn an_error_response_carries_its_kind_and_an_old_one_reads_as_internal() {
+        let resp = ControlResponse::error(&ControlError::ShuttingDown);
+        let json = serde_json::to_value(&resp).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "type": "error", "message": "tqproxy is shutting down", "kind": "shutting_down"
+            })
+        );
+        assert_eq!(parse_response(&encode_response(&resp)).unwrap(), resp);
+        // An older tqproxy sends no kind.
+        let old = parse_response(br#"{"type":"error","message":"boom"}"#).unwrap();
+        assert_eq!(
+            old,
+            ControlResponse::Error {
+                message: "boom".into(),
+                kind: ErrorKind::Internal
+            }
+        );
+        // An outcome line keeps its kind across the socket; one without reads as `None`.
+        let o = Outcome::from_result(
+            "w",
+            Err::<String, _>(crate::supervisor::SupervisorError::NoSuchWorker {
+                worker: "w".into(),
+            }),
+        );
+        let line = encode_response(&ControlResponse::Outcome(o.clone()));
+        let text = std::str::from_utf8(&line).unwrap();
+        assert!(text.contains(r#""kind":"no_such_worker""#), "{text}");
+        assert_eq!(parse_response(&line).unwrap(), ControlResponse::Outcome(o));
+        let old = parse_response(
+            br#"{"type":"outcome","ok":false,"lines":[{"worker":"w","ok":false,"message":"m"}]}"#,
+        )
+        .unwrap();
+        let ControlResponse::Outcome(old) = old else {
+            panic!("{old:?}")
+        };
+        assert_eq!(old.lines[0].kind, None);
+    }
+
+    #[test]
+    fn control_errors_have_the_kind_the_cli_acts_on() {
+        for (e, kind) in [
+            (ControlError::RequestTimeout, ErrorKind::BadRequest),
+            (
+                ControlError::TooManyInstances { asked: 1000 },
+                ErrorKind::BadRequest,
+            ),
+            (ControlError::NotABinary("x".into()), ErrorKind::BadRequest),
+            (ControlError::ShuttingDown, ErrorKind::ShuttingDown),
+            (
+                ControlError::UpgradeFailed("/x: ENOEXEC".into()),
+                ErrorKind::StartFailed,
+            ),
+        ] {
+            assert_eq!(e.kind(), kind, "{e}");
+        }
+        assert_eq!(
+            ControlError::TooManyInstances { asked: 1000 }.to_string(),
+            "at most 256 instances per worker (1000 asked)"
         );
     }
 

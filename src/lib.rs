@@ -16,8 +16,8 @@
 //! - [`supervisor`]: the single owner of instance state: lifecycle, health, deploys.
 //! - [`sandbox`]: the only `unsafe`: the spawn helper, cgroups, namespaces, seccomp, landlock.
 //! - [`control`]: the JSON protocol over the unix control socket, server and client.
-//! - [`status`]: the status document and the outcome of a change: plain data shared by the
-//!   supervisor, the control socket, the CLI and metrics.
+//! - [`status`]: the status document and the outcome of a change, with the [`status::ErrorKind`]
+//!   of a failure: plain data shared by the supervisor, the control socket, the CLI and metrics.
 //! - [`metrics`]: every Prometheus metric; [`admin`]: /metrics, /status, /healthz.
 //! - [`access_log`], [`timefmt`]: request logging.
 //! - [`server`]: composition root of `tqproxy run`; [`signals`]: what each signal does;

@@ -1,5 +1,6 @@
 //! The status document: `tqproxy status --json`, `GET /status.json`, and the input of the
-//! terminal table. Plain data, serialisable both ways (the CLI reads what the server writes).
+//! terminal table; and the [`Outcome`] of a change with the [`ErrorKind`] of each failure.
+//! Plain data, serialisable both ways (the CLI reads what the server writes).
 //!
 //! A leaf, like [`crate::metrics`]: the supervisor, the control socket, the CLI, the admin
 //! listener and the metrics read or write these types, and this module imports none of them.
@@ -77,6 +78,72 @@ pub struct InstanceStatus {
     pub cgroup: Option<String>,
 }
 
+/// The machine-readable half of an error, sent over the control socket next to the message
+/// a person reads (in an [`OutcomeLine`] and in the control socket's error response). The CLI
+/// decides its exit code from it, never from the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NoSuchWorker,
+    WorkerExists,
+    Busy,
+    ShuttingDown,
+    StartFailed,
+    NotReady,
+    DeployFailed,
+    NothingToRollBack,
+    InvalidConfig,
+    BadRequest,
+    /// Anything else; also what an error response without a kind (an older tqproxy) and a
+    /// kind this build does not know (a newer one) read as.
+    #[default]
+    #[serde(other)]
+    Internal,
+}
+
+impl ErrorKind {
+    /// The CLI's exit code for a verb that failed with this kind (documented in the README's
+    /// CLI section). 1 stays "the operation failed"; 2 is clap's usage error; 3 is "cannot
+    /// reach tqproxy".
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::StartFailed
+            | ErrorKind::NotReady
+            | ErrorKind::DeployFailed
+            | ErrorKind::Internal => 1,
+            ErrorKind::BadRequest => 2,
+            ErrorKind::NoSuchWorker => 4,
+            ErrorKind::Busy | ErrorKind::WorkerExists => 5,
+            ErrorKind::ShuttingDown => 6,
+            ErrorKind::InvalidConfig => 7,
+            ErrorKind::NothingToRollBack => 8,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NoSuchWorker => "no_such_worker",
+            ErrorKind::WorkerExists => "worker_exists",
+            ErrorKind::Busy => "busy",
+            ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::StartFailed => "start_failed",
+            ErrorKind::NotReady => "not_ready",
+            ErrorKind::DeployFailed => "deploy_failed",
+            ErrorKind::NothingToRollBack => "nothing_to_roll_back",
+            ErrorKind::InvalidConfig => "invalid_config",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// An error that knows its [`ErrorKind`]: its `Display` is the message a person reads.
+/// Implemented by the supervisor's `SupervisorError` and the control socket's own errors, so
+/// this module needs neither.
+pub trait Failure: std::fmt::Display {
+    fn kind(&self) -> ErrorKind;
+}
+
 /// The outcome of a change (scale, reload, deploy…), one line per worker touched.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Outcome {
@@ -89,9 +156,38 @@ pub struct OutcomeLine {
     pub worker: String,
     pub ok: bool,
     pub message: String,
+    /// What kind of failure a failed line is (`None` when it succeeded, and for failures that
+    /// have no kind). Absent from the JSON when `None`, so that a CLI and a server of different
+    /// versions still read each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ErrorKind>,
 }
 
 impl Outcome {
+    /// One line about `worker` (`-`: about tqproxy itself), with the error's message and kind.
+    pub fn from_result<E: Failure>(worker: &str, result: Result<String, E>) -> Outcome {
+        let line = match result {
+            Ok(message) => OutcomeLine {
+                worker: worker.to_string(),
+                ok: true,
+                message,
+                kind: None,
+            },
+            Err(e) => OutcomeLine {
+                worker: worker.to_string(),
+                ok: false,
+                message: e.to_string(),
+                kind: Some(e.kind()),
+            },
+        };
+        Outcome {
+            ok: line.ok,
+            lines: vec![line],
+        }
+    }
+
+    /// One line with an untyped error (no kind). Kept while the supervisor still reports
+    /// `String` errors; [`Outcome::from_result`] replaces it.
     pub fn single(worker: &str, result: Result<String, String>) -> Outcome {
         let (ok, message) = match result {
             Ok(m) => (true, m),
@@ -103,8 +199,14 @@ impl Outcome {
                 worker: worker.to_string(),
                 ok,
                 message,
+                kind: None,
             }],
         }
+    }
+
+    /// The first failed line: its kind (if it has one) is what the CLI's exit code says.
+    pub fn first_failure(&self) -> Option<&OutcomeLine> {
+        self.lines.iter().find(|l| !l.ok)
     }
 }
 
@@ -361,6 +463,65 @@ mod tests {
             state: "running".into(),
             workers,
         }
+    }
+
+    /// A failure of a known kind, as the supervisor's errors are.
+    #[derive(Debug)]
+    struct Refused(ErrorKind);
+
+    impl std::fmt::Display for Refused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "refused ({})", self.0.as_str())
+        }
+    }
+
+    impl Failure for Refused {
+        fn kind(&self) -> ErrorKind {
+            self.0
+        }
+    }
+
+    #[test]
+    fn an_outcome_line_carries_its_kind_and_reads_without_one() {
+        let failed = Outcome::from_result("w", Err::<String, _>(Refused(ErrorKind::Busy)));
+        assert!(!failed.ok);
+        assert_eq!(
+            failed.lines,
+            [OutcomeLine {
+                worker: "w".into(),
+                ok: false,
+                message: "refused (busy)".into(),
+                kind: Some(ErrorKind::Busy),
+            }]
+        );
+        let json = serde_json::to_value(&failed).unwrap();
+        assert_eq!(json["lines"][0]["kind"], "busy");
+        assert_eq!(serde_json::from_value::<Outcome>(json).unwrap(), failed);
+        // A success has no kind, and the field is left out of the document.
+        let done = Outcome::from_result::<Refused>("w", Ok("scaled to 2".into()));
+        assert!(done.ok && done.first_failure().is_none());
+        let json = serde_json::to_value(&done).unwrap();
+        assert!(json["lines"][0].get("kind").is_none(), "{json}");
+        assert_eq!(serde_json::from_value::<Outcome>(json).unwrap(), done);
+        // A document from an older tqproxy, without `kind`, still reads.
+        let old: Outcome = serde_json::from_str(
+            r#"{"ok":false,"lines":[{"worker":"-","ok":true,"message":"tls"},{"worker":"w","ok":false,"message":"gone"}]}"#,
+        )
+        .unwrap();
+        let first = old.first_failure().unwrap();
+        assert_eq!((first.worker.as_str(), first.kind), ("w", None));
+        assert_eq!(Outcome::single("w", Err("x".into())).lines[0].kind, None);
+        // A kind this build does not know (a newer tqproxy) reads as `internal`: a failure.
+        let newer: OutcomeLine =
+            serde_json::from_str(r#"{"worker":"w","ok":false,"message":"m","kind":"exploded"}"#)
+                .unwrap();
+        assert_eq!(newer.kind, Some(ErrorKind::Internal));
+    }
+
+    #[test]
+    fn an_error_kind_defaults_to_internal() {
+        assert_eq!(ErrorKind::default(), ErrorKind::Internal);
+        assert_eq!(ErrorKind::default().exit_code(), 1);
     }
 
     #[test]

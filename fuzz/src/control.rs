@@ -5,6 +5,7 @@
 use tqproxy::control::{
     ControlResponse, encode_request, encode_response, parse_request, parse_response,
 };
+use tqproxy::status::{ErrorKind, Failure};
 
 /// A line the protocol sends: JSON, one `\n`, at its end.
 fn one_line(out: &[u8]) {
@@ -15,9 +16,20 @@ fn one_line(out: &[u8]) {
     );
 }
 
-/// Never a panic. A request is refused with a message the client reads back as that error;
-/// an accepted request, sent again by the CLI's encoder, is the same request. A response the
-/// CLI accepts is the same after the server's encoder, and the CLI can show it.
+/// The CLI's exit code for a failure of `kind` is never "done" (0) nor "cannot reach
+/// tqproxy" (3).
+fn a_failure(kind: ErrorKind) {
+    assert!(
+        !matches!(kind.exit_code(), 0 | 3),
+        "{kind:?} exits {}",
+        kind.exit_code()
+    );
+}
+
+/// Never a panic. A request is refused as a bad request, with a message the client reads back
+/// as that error, kind included; an accepted request, sent again by the CLI's encoder, is the
+/// same request. A response the CLI accepts is the same after the server's encoder, and the
+/// CLI can show it and exit with a failure's code for a failure.
 pub fn control(data: &[u8]) {
     match parse_request(data) {
         Ok(req) => {
@@ -25,12 +37,16 @@ pub fn control(data: &[u8]) {
             one_line(&line);
             assert_eq!(parse_request(&line), Ok(req));
         }
-        Err(message) => {
-            assert!(!message.trim().is_empty());
-            let error = ControlResponse::Error { message };
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::BadRequest, "{e}");
+            assert!(!e.to_string().trim().is_empty());
+            let error = ControlResponse::error(&e);
             let out = encode_response(&error);
             one_line(&out);
-            assert_eq!(parse_response(&out), Ok(error));
+            match parse_response(&out) {
+                Ok(back) => assert_eq!(back, error),
+                Err(e) => panic!("the client cannot read the refusal: {e}"),
+            }
         }
     }
     match parse_response(data) {
@@ -43,13 +59,25 @@ pub fn control(data: &[u8]) {
                 same_json(&json(&resp), &json(&again)),
                 "{resp:?}\nthen\n{again:?}"
             );
-            // What `tqproxy status` prints (an outcome's lines are printed as they are).
-            if let ControlResponse::Status(st) = &resp {
-                let _ = st.health();
-                let _ = st.render_table();
+            // What `tqproxy status` prints (an outcome's lines are printed as they are), and
+            // what the CLI exits with.
+            match &resp {
+                ControlResponse::Status(st) => {
+                    let _ = st.health();
+                    let _ = st.render_table();
+                }
+                ControlResponse::Error { kind, .. } => a_failure(*kind),
+                ControlResponse::Outcome(o) => {
+                    for l in &o.lines {
+                        if let Some(kind) = l.kind {
+                            a_failure(kind);
+                        }
+                    }
+                }
+                _ => {}
             }
         }
-        Err(message) => assert!(!message.trim().is_empty()),
+        Err(e) => assert!(!e.to_string().trim().is_empty()),
     }
 }
 

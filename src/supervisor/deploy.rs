@@ -600,6 +600,7 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
                     worker: "-".into(),
                     ok: false,
                     message: format!("configuration invalid, nothing changed:\n{e}"),
+                    kind: None,
                 }],
             };
         }
@@ -624,6 +625,7 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
                 worker: "-".into(),
                 ok: true,
                 message,
+                kind: None,
             })),
             Err(e) => {
                 METRICS.reloads.with_label_values(&["failed"]).inc();
@@ -642,6 +644,7 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
                 "listen changed ({:?} → {:?}): listeners are not rebound by reload; run `tqproxy upgrade` to apply",
                 current.listen, loaded.listen
             ),
+            kind: None,
         });
     }
     if loaded.control_socket != current.control_socket || loaded.admin != current.admin {
@@ -649,6 +652,7 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
             worker: "-".into(),
             ok: false,
             message: "control.socket/control.admin changed: takes effect after `tqproxy upgrade` or a restart".into(),
+            kind: None,
         });
     }
     // The request path reads its settings once (upstream_idle_timeout goes into each route
@@ -664,6 +668,7 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
             message:
                 "proxy settings changed: they take effect after `tqproxy upgrade` or a restart"
                     .into(),
+            kind: None,
         });
     }
     if loaded.log.access_log != current.log.access_log
@@ -673,6 +678,7 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
             worker: "-".into(),
             ok: false,
             message: "log.access_log/access_format changed: takes effect after `tqproxy upgrade` or a restart (reload only reopens the same file)".into(),
+            kind: None,
         });
     }
     h.set_config(loaded.clone());
@@ -699,17 +705,20 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
                 worker: name,
                 ok: true,
                 message,
+                kind: None,
             }),
             Ok((_, Ok(None))) => {}
             Ok((name, Err(message))) => lines.push(OutcomeLine {
                 worker: name,
                 ok: false,
                 message,
+                kind: None,
             }),
             Err(e) => lines.push(OutcomeLine {
                 worker: "-".into(),
                 ok: false,
                 message: e.to_string(),
+                kind: None,
             }),
         }
     }

@@ -5,7 +5,9 @@
 //! control socket next to that message, so the CLI decides its exit code from the kind, never
 //! from the text.
 
-use serde::{Deserialize, Serialize};
+/// Defined with the status document (plain data below the supervisor, which `OutcomeLine`
+/// carries); re-exported here and as `crate::supervisor::ErrorKind`.
+pub use crate::status::ErrorKind;
 
 /// A failed supervisor operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,23 +65,6 @@ pub enum SupervisorError {
     Internal(String),
 }
 
-/// The machine-readable half of an error, sent over the control socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    NoSuchWorker,
-    WorkerExists,
-    Busy,
-    ShuttingDown,
-    StartFailed,
-    NotReady,
-    DeployFailed,
-    NothingToRollBack,
-    InvalidConfig,
-    BadRequest,
-    Internal,
-}
-
 impl SupervisorError {
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -100,39 +85,9 @@ impl SupervisorError {
     }
 }
 
-impl ErrorKind {
-    /// The CLI's exit code for a verb that failed with this kind (documented in the README's
-    /// CLI section). 1 stays "the operation failed"; 2 is clap's usage error; 3 is "cannot
-    /// reach tqproxy".
-    pub fn exit_code(self) -> i32 {
-        match self {
-            ErrorKind::StartFailed
-            | ErrorKind::NotReady
-            | ErrorKind::DeployFailed
-            | ErrorKind::Internal => 1,
-            ErrorKind::BadRequest => 2,
-            ErrorKind::NoSuchWorker => 4,
-            ErrorKind::Busy | ErrorKind::WorkerExists => 5,
-            ErrorKind::ShuttingDown => 6,
-            ErrorKind::InvalidConfig => 7,
-            ErrorKind::NothingToRollBack => 8,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::NoSuchWorker => "no_such_worker",
-            ErrorKind::WorkerExists => "worker_exists",
-            ErrorKind::Busy => "busy",
-            ErrorKind::ShuttingDown => "shutting_down",
-            ErrorKind::StartFailed => "start_failed",
-            ErrorKind::NotReady => "not_ready",
-            ErrorKind::DeployFailed => "deploy_failed",
-            ErrorKind::NothingToRollBack => "nothing_to_roll_back",
-            ErrorKind::InvalidConfig => "invalid_config",
-            ErrorKind::BadRequest => "bad_request",
-            ErrorKind::Internal => "internal",
-        }
+impl crate::status::Failure for SupervisorError {
+    fn kind(&self) -> ErrorKind {
+        SupervisorError::kind(self)
     }
 }
 
