@@ -13,20 +13,35 @@ pub const DEFAULT_WORKER_LOG_RATE: u32 = 10_000;
 pub(super) const DEFAULT_PATH_ENV: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Worker names become cgroup directories and log file names: keep them boring.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
+/// `control.socket` when not set, relative to the global file's directory.
+pub(super) const DEFAULT_CONTROL_SOCKET: &str = "../run/tqproxy.sock";
+
+/// The rule for the names tqproxy turns into file names and cgroup directories: a worker's
+/// name (its directory's) and `cgroups.base`. Worker names are joined with `.` into the names
+/// of instance cgroups (`<worker>.<id>.<n>`), unix sockets (`<worker>.<id>.<epoch>.sock`) and
+/// rotated logs (`<worker>.log.1`), so a name has no `.`; it is lowercase, so two names never
+/// differ only by case; 48 bytes at most, so the socket paths under `run_dir: /run/tqproxy`
+/// fit a socket address. Every such name also passes the sandbox's path-component check
+/// ([`crate::sandbox::cgroup::validate_name`]), which guards each directory it creates.
+pub const NAME_RULE: &str =
+    "use 1-48 characters a-z, 0-9, '-', '_', starting with a letter or digit";
+
+/// Whether `name` follows [`NAME_RULE`].
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 48
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// A worker's name: [`NAME_RULE`], or the error saying so.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if is_valid_name(name) {
         Ok(())
     } else {
-        Err(format!(
-            "invalid worker name `{name}`: use 1-48 characters a-z, 0-9, '-', '_', starting with a letter or digit"
-        ))
+        Err(format!("invalid worker name `{name}`: {NAME_RULE}"))
     }
 }
 
@@ -48,346 +63,29 @@ impl Config {
     /// Validates `text` as the global file `path` (which need not exist: it names the file in
     /// errors and is the directory relative paths resolve against). Reads what the file points
     /// at, as [`Config::load`] does: the workers under `workers_dir`, TLS certificates.
+    ///
+    /// One function per section, in the order of the errors they report; each returns its
+    /// part of the model (with a stand-in where the section is wrong, so that later checks
+    /// still run) and adds its errors to `errors`.
     pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let file = absolute(path);
-        let mut errors = Vec::new();
-        let raw: RawGlobal = match parse_yaml(&file, text) {
-            Ok(r) => r,
-            Err(e) => return Err(ConfigErrors(vec![e])),
-        };
+        let raw: RawGlobal = parse_yaml(&file, text).map_err(|e| ConfigErrors(vec![e]))?;
         let dir = file.parent().unwrap_or(Path::new("/")).to_path_buf();
         let ctx = Ctx { file: &file, text };
+        let mut errors = Vec::new();
 
-        let mut listen = Vec::new();
-        let mut listeners = Vec::new();
-        for (i, item) in raw.listen.iter().enumerate() {
-            let l = &item.0;
-            let key = format!("listen[{i}]");
-            let addr = match l.addr.parse::<SocketAddr>() {
-                Ok(a) => a,
-                Err(_) => {
-                    errors.push(ctx.err(
-                        &["listen"],
-                        Some(&l.addr),
-                        key,
-                        format!("invalid address `{}` (expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080)", l.addr),
-                    ));
-                    continue;
-                }
-            };
-            if listen.contains(&addr) {
-                errors.push(ctx.err(
-                    &["listen"],
-                    Some(&l.addr),
-                    key.clone(),
-                    format!("`{}` is listed twice", l.addr),
-                ));
-            }
-            listen.push(addr);
-            let kind = match (&l.tls, &l.redirect_https) {
-                (Some(_), Some(_)) => {
-                    errors.push(ctx.err(
-                        &["listen"],
-                        Some(&l.addr),
-                        key,
-                        "a listener is either `tls` or `redirect_https`, not both".into(),
-                    ));
-                    continue;
-                }
-                (None, None) => ListenerKind::Plain,
-                (None, Some(RawRedirect::On(false))) => ListenerKind::Plain,
-                (None, Some(RawRedirect::On(true))) => ListenerKind::RedirectHttps { port: 443 },
-                (None, Some(RawRedirect::Port(p))) => ListenerKind::RedirectHttps { port: *p },
-                (Some(t), None) => {
-                    let mut certificates: Vec<crate::tls::CertFiles> = t
-                        .certificates
-                        .iter()
-                        .map(|c| crate::tls::CertFiles {
-                            cert: resolve(&dir, &c.cert),
-                            key: resolve(&dir, &c.key),
-                        })
-                        .collect();
-                    match (&t.cert, &t.key) {
-                        (Some(c), Some(k)) => certificates.insert(
-                            0,
-                            crate::tls::CertFiles {
-                                cert: resolve(&dir, c),
-                                key: resolve(&dir, k),
-                            },
-                        ),
-                        (None, None) => {}
-                        _ => errors.push(ctx.err(
-                            &["listen", "tls"],
-                            None,
-                            format!("{key}.tls"),
-                            "`cert` and `key` go together".into(),
-                        )),
-                    }
-                    if certificates.is_empty() {
-                        errors.push(ctx.err(
-                            &["listen", "tls"],
-                            None,
-                            format!("{key}.tls"),
-                            "needs `cert` and `key` (or `certificates: [{cert, key}, …]`)".into(),
-                        ));
-                    } else if let Err(e) = crate::tls::CertStore::load(&certificates) {
-                        errors.push(ctx.err(&["listen", "tls"], None, format!("{key}.tls"), e));
-                    }
-                    ListenerKind::Tls {
-                        certificates,
-                        h2: t.h2.unwrap_or(true),
-                    }
-                }
-            };
-            listeners.push(Listener { addr, kind });
-        }
-        if raw.listen.is_empty() {
-            errors.push(ctx.err(
-                &["listen"],
-                None,
-                "listen",
-                "at least one address is required".into(),
-            ));
-        }
-
-        let control_socket = resolve(
-            &dir,
-            raw.control
-                .socket
-                .as_deref()
-                .unwrap_or("../run/tqproxy.sock"),
-        );
-        // The admin listener is on by default (loopback); `admin: off` disables it.
-        let admin = match raw.control.admin.as_deref() {
-            None => Some(SocketAddr::from(([127, 0, 0, 1], 8090))),
-            Some("off") => None,
-            Some(a) => match a.parse::<SocketAddr>() {
-                Ok(addr) if addr.ip().is_loopback() => Some(addr),
-                Ok(_) => {
-                    errors.push(ctx.err(
-                        &["control", "admin"],
-                        None,
-                        "control.admin",
-                        format!("`{a}` is not a loopback address; the admin listener serves /metrics and /status and must stay on 127.0.0.0/8 or ::1"),
-                    ));
-                    None
-                }
-                Err(_) => {
-                    errors.push(ctx.err(
-                        &["control", "admin"],
-                        None,
-                        "control.admin",
-                        format!("invalid address `{a}` (expected e.g. 127.0.0.1:8090)"),
-                    ));
-                    None
-                }
-            },
-        };
-
-        let ports = match parse_port_range(&raw.ports) {
-            Ok(r) => r,
-            Err(m) => {
-                errors.push(ctx.err(&["ports"], None, "ports", m));
-                9000..=9999
-            }
-        };
-        for a in &listen {
-            if ports.contains(&a.port()) {
-                errors.push(ctx.err(
-                    &["listen"],
-                    None,
-                    "listen",
-                    format!(
-                        "{a} is inside the worker port range {}-{}",
-                        ports.start(),
-                        ports.end()
-                    ),
-                ));
-            }
-        }
-
-        let defaults = Defaults::of(&raw.defaults);
-        if defaults.instances == 0 {
-            errors.push(ctx.err(
-                &["defaults", "instances"],
-                None,
-                "defaults.instances",
-                "must be at least 1".into(),
-            ));
-        }
-
-        let threads = raw
-            .proxy
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        if threads == 0 || threads > 256 {
-            errors.push(ctx.err(
-                &["proxy", "threads"],
-                None,
-                "proxy.threads",
-                "must be between 1 and 256".into(),
-            ));
-        }
-        let proxy = ProxySettings {
-            h2c: raw.proxy.h2c,
-            threads: threads.clamp(1, 256),
-            upstream_keepalive_pool: raw.proxy.upstream_keepalive_pool.unwrap_or(1024),
-            upstream_idle_timeout: raw
-                .proxy
-                .upstream_idle_timeout
-                .map_or(Duration::from_secs(30), |x| x.0),
-            max_retries: raw.proxy.max_retries.unwrap_or(3).max(1),
-            client_header_timeout: raw
-                .proxy
-                .client_header_timeout
-                .map_or(Duration::from_secs(10), |x| x.0),
-            client_keepalive_timeout: raw
-                .proxy
-                .client_keepalive_timeout
-                .map_or(Duration::from_secs(60), |x| x.0),
-            client_body_timeout: raw
-                .proxy
-                .client_body_timeout
-                .map_or(Duration::from_secs(60), |x| x.0),
-            max_connections: raw.proxy.max_connections,
-        };
-        for (key, value) in [
-            ("client_header_timeout", proxy.client_header_timeout),
-            ("client_keepalive_timeout", proxy.client_keepalive_timeout),
-            ("client_body_timeout", proxy.client_body_timeout),
-            ("upstream_idle_timeout", proxy.upstream_idle_timeout),
-        ] {
-            if value.is_zero() {
-                errors.push(ctx.err(
-                    &["proxy", key],
-                    None,
-                    format!("proxy.{key}"),
-                    "must be more than 0".into(),
-                ));
-            }
-        }
-        if proxy.max_connections == Some(0) {
-            errors.push(ctx.err(
-                &["proxy", "max_connections"],
-                None,
-                "proxy.max_connections",
-                "must be at least 1 (omit it for no limit)".into(),
-            ));
-        }
-
-        let level = raw.log.level.clone().unwrap_or_else(|| "info".into());
-        // Non-ASCII is refused before tracing-subscriber parses it: its directive parser
-        // (0.3.23, filter/env/directive.rs:143-151) slices a directive at offsets into its
-        // trimmed copy, which panics on leading whitespace before a multi-byte character
-        // (found by fuzz/). Related: https://github.com/tokio-rs/tracing/issues/2452
-        if !level.is_ascii() || tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-            errors.push(ctx.err(
-                &["log", "level"],
-                None,
-                "log.level",
-                format!("invalid level `{level}` (e.g. info, debug, tqproxy=debug,pingora=warn)"),
-            ));
-        }
-        let log = LogSettings {
-            level,
-            format: raw.log.format.unwrap_or(LogFormat::Text),
-            access_log: raw.log.access_log.as_deref().map(|p| resolve(&dir, p)),
-            access_format: raw.log.access_format.unwrap_or(AccessLogFormat::Combined),
-            worker_log_max_size: raw.log.worker_log_max_size.map_or(64 << 20, |s| s.0),
-            worker_log_keep: raw.log.worker_log_keep.unwrap_or(5),
-            worker_log_rate: raw.log.worker_log_rate.unwrap_or(DEFAULT_WORKER_LOG_RATE),
-        };
-        let cgroups = CgroupSettings {
-            mode: raw.cgroups.mode.unwrap_or(CgroupMode::Auto),
-            root: PathBuf::from(raw.cgroups.root.as_deref().unwrap_or("/sys/fs/cgroup")),
-            base: raw.cgroups.base.clone().unwrap_or_else(|| "tqproxy".into()),
-            delegated: raw.cgroups.delegated.unwrap_or(false),
-        };
-        if cgroups.delegated && matches!(cgroups.mode, CgroupMode::V1 | CgroupMode::Off) {
-            errors.push(ctx.err(
-                &["cgroups", "delegated"],
-                None,
-                "cgroups.delegated",
-                "delegation is a cgroup v2 feature: use it with mode v2 or auto".to_string(),
-            ));
-        }
-        if validate_name(&cgroups.base).is_err() {
-            errors.push(ctx.err(
-                &["cgroups", "base"],
-                None,
-                "cgroups.base",
-                format!("invalid cgroup name `{}`", cgroups.base),
-            ));
-        }
-
+        let (listen, listeners) = listeners(&raw.listen, &dir, &ctx, &mut errors);
+        let (control_socket, admin) = control(&raw.control, &dir, &ctx, &mut errors);
+        let ports = ports(&raw.ports, &listen, &ctx, &mut errors);
+        let defaults = defaults(&raw.defaults, &ctx, &mut errors);
+        let proxy = proxy(&raw.proxy, &ctx, &mut errors);
+        let log = log(&raw.log, &dir, &ctx, &mut errors);
+        let cgroups = cgroups(&raw.cgroups, &ctx, &mut errors);
         let workers_dir = resolve(&dir, &raw.workers_dir);
-        let mut workers = BTreeMap::new();
-        match std::fs::read_dir(&workers_dir) {
-            Err(e) => errors.push(ctx.err(
-                &["workers_dir"],
-                None,
-                "workers_dir",
-                format!("cannot read {}: {e}", workers_dir.display()),
-            )),
-            Ok(entries) => {
-                let mut dirs: Vec<PathBuf> = entries
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .filter(|p| p.join("worker.yaml").is_file())
-                    .collect();
-                dirs.sort();
-                for wdir in dirs {
-                    match load_worker(&wdir, &defaults) {
-                        Ok(Some(w)) => {
-                            workers.insert(w.name.clone(), Arc::new(w));
-                        }
-                        Ok(None) => {}
-                        Err(mut es) => errors.append(&mut es),
-                    }
-                }
-            }
-        }
-
-        // Cross-worker checks: a route served by two workers, the port pool size.
-        let mut seen: HashMap<(Option<String>, String), String> = HashMap::new();
-        for w in workers.values() {
-            let wtext = std::fs::read_to_string(&w.file).unwrap_or_default();
-            let wctx = Ctx {
-                file: &w.file,
-                text: &wtext,
-            };
-            for r in &w.routes {
-                let key = (r.host.clone(), r.prefix.clone());
-                if let Some(other) = seen.get(&key) {
-                    errors.push(wctx.err(
-                        &["routes"],
-                        Some(&format!("{}{}", r.host.as_deref().unwrap_or(""), r.prefix)),
-                        "routes",
-                        format!(
-                            "route `{}{}` is already served by worker `{other}`",
-                            r.host.as_deref().unwrap_or(""),
-                            r.prefix
-                        ),
-                    ));
-                } else {
-                    seen.insert(key, w.name.clone());
-                }
-            }
-        }
-        let needed: u64 = workers
-            .values()
-            .filter(|w| w.uses_port())
-            .map(|w| w.instances as u64 * 2 + w.deploy.max_surge as u64)
-            .sum();
-        let pool = (*ports.end() as u64) - (*ports.start() as u64) + 1;
-        if needed > pool {
-            errors.push(ctx.err(
-                &["ports"],
-                None,
-                "ports",
-                format!("range {}-{} has {pool} ports but the workers may need {needed} during a deploy (2 × instances + max_surge each)", ports.start(), ports.end()),
-            ));
-        }
+        let workers = workers(&workers_dir, &defaults, &ctx, &mut errors);
+        // Cross-worker checks.
+        routes_served_once(&workers, &mut errors);
+        port_pool_suffices(&workers, &ports, &ctx, &mut errors);
 
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
@@ -439,8 +137,426 @@ impl Config {
         };
         Ok(resolve(
             dir,
-            socket.as_deref().unwrap_or("../run/tqproxy.sock"),
+            socket.as_deref().unwrap_or(DEFAULT_CONTROL_SOCKET),
         ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sections of the global file
+// ---------------------------------------------------------------------------------------------
+
+/// `listen`: every listener's address (also those whose kind is wrong, for the checks that
+/// follow) and the listeners.
+fn listeners(
+    raw: &[RawListenItem],
+    dir: &Path,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> (Vec<SocketAddr>, Vec<Listener>) {
+    let mut listen = Vec::new();
+    let mut listeners = Vec::new();
+    for (i, item) in raw.iter().enumerate() {
+        let l = &item.0;
+        let key = format!("listen[{i}]");
+        let addr = match l.addr.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                errors.push(ctx.err(
+                    &["listen"],
+                    Some(&l.addr),
+                    key,
+                    format!("invalid address `{}` (expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080)", l.addr),
+                ));
+                continue;
+            }
+        };
+        if listen.contains(&addr) {
+            errors.push(ctx.err(
+                &["listen"],
+                Some(&l.addr),
+                key.clone(),
+                format!("`{}` is listed twice", l.addr),
+            ));
+        }
+        listen.push(addr);
+        if let Some(kind) = listener_kind(l, &key, dir, ctx, errors) {
+            listeners.push(Listener { addr, kind });
+        }
+    }
+    if raw.is_empty() {
+        errors.push(ctx.err(
+            &["listen"],
+            None,
+            "listen",
+            "at least one address is required".into(),
+        ));
+    }
+    (listen, listeners)
+}
+
+/// What the listener `l` (at `key`, `listen[i]`) does; `None` when it is both TLS and a
+/// redirect.
+fn listener_kind(
+    l: &RawListen,
+    key: &str,
+    dir: &Path,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> Option<ListenerKind> {
+    Some(match (&l.tls, &l.redirect_https) {
+        (Some(_), Some(_)) => {
+            errors.push(ctx.err(
+                &["listen"],
+                Some(&l.addr),
+                key,
+                "a listener is either `tls` or `redirect_https`, not both".into(),
+            ));
+            return None;
+        }
+        (None, None) => ListenerKind::Plain,
+        (None, Some(RawRedirect::On(false))) => ListenerKind::Plain,
+        (None, Some(RawRedirect::On(true))) => ListenerKind::RedirectHttps { port: 443 },
+        (None, Some(RawRedirect::Port(p))) => ListenerKind::RedirectHttps { port: *p },
+        (Some(t), None) => tls(t, key, dir, ctx, errors),
+    })
+}
+
+/// `listen[i].tls`: the certificates (`cert`/`key` first, then `certificates`), loaded once
+/// to check them.
+fn tls(
+    t: &RawTls,
+    key: &str,
+    dir: &Path,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> ListenerKind {
+    let mut certificates: Vec<crate::tls::CertFiles> = t
+        .certificates
+        .iter()
+        .map(|c| crate::tls::CertFiles {
+            cert: resolve(dir, &c.cert),
+            key: resolve(dir, &c.key),
+        })
+        .collect();
+    match (&t.cert, &t.key) {
+        (Some(c), Some(k)) => certificates.insert(
+            0,
+            crate::tls::CertFiles {
+                cert: resolve(dir, c),
+                key: resolve(dir, k),
+            },
+        ),
+        (None, None) => {}
+        _ => errors.push(ctx.err(
+            &["listen", "tls"],
+            None,
+            format!("{key}.tls"),
+            "`cert` and `key` go together".into(),
+        )),
+    }
+    if certificates.is_empty() {
+        errors.push(ctx.err(
+            &["listen", "tls"],
+            None,
+            format!("{key}.tls"),
+            "needs `cert` and `key` (or `certificates: [{cert, key}, …]`)".into(),
+        ));
+    } else if let Err(e) = crate::tls::CertStore::load(&certificates) {
+        errors.push(ctx.err(&["listen", "tls"], None, format!("{key}.tls"), e));
+    }
+    ListenerKind::Tls {
+        certificates,
+        h2: t.h2.unwrap_or(true),
+    }
+}
+
+/// `control`: the control socket's path and the admin listener (on by default, loopback
+/// only; `admin: off` disables it).
+fn control(
+    raw: &RawControl,
+    dir: &Path,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> (PathBuf, Option<SocketAddr>) {
+    let socket = resolve(dir, raw.socket.as_deref().unwrap_or(DEFAULT_CONTROL_SOCKET));
+    let admin = match raw.admin.as_deref() {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 8090))),
+        Some("off") => None,
+        Some(a) => match a.parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(_) => {
+                errors.push(ctx.err(
+                    &["control", "admin"],
+                    None,
+                    "control.admin",
+                    format!("`{a}` is not a loopback address; the admin listener serves /metrics and /status and must stay on 127.0.0.0/8 or ::1"),
+                ));
+                None
+            }
+            Err(_) => {
+                errors.push(ctx.err(
+                    &["control", "admin"],
+                    None,
+                    "control.admin",
+                    format!("invalid address `{a}` (expected e.g. 127.0.0.1:8090)"),
+                ));
+                None
+            }
+        },
+    };
+    (socket, admin)
+}
+
+/// `ports`: the instance port range (9000-9999 in its place when it is wrong), which no
+/// listener may be inside.
+fn ports(
+    raw: &str,
+    listen: &[SocketAddr],
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> RangeInclusive<u16> {
+    let ports = match parse_port_range(raw) {
+        Ok(r) => r,
+        Err(m) => {
+            errors.push(ctx.err(&["ports"], None, "ports", m));
+            9000..=9999
+        }
+    };
+    for a in listen {
+        if ports.contains(&a.port()) {
+            errors.push(ctx.err(
+                &["listen"],
+                None,
+                "listen",
+                format!(
+                    "{a} is inside the worker port range {}-{}",
+                    ports.start(),
+                    ports.end()
+                ),
+            ));
+        }
+    }
+    ports
+}
+
+/// `defaults`: what every worker file inherits.
+fn defaults(raw: &RawDefaults, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> Defaults {
+    let defaults = Defaults::of(raw);
+    if defaults.instances == 0 {
+        errors.push(ctx.err(
+            &["defaults", "instances"],
+            None,
+            "defaults.instances",
+            "must be at least 1".into(),
+        ));
+    }
+    defaults
+}
+
+/// `proxy`: the request path's settings.
+fn proxy(raw: &RawProxy, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> ProxySettings {
+    let threads = raw
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 || threads > 256 {
+        errors.push(ctx.err(
+            &["proxy", "threads"],
+            None,
+            "proxy.threads",
+            "must be between 1 and 256".into(),
+        ));
+    }
+    let proxy = ProxySettings {
+        h2c: raw.h2c,
+        threads: threads.clamp(1, 256),
+        upstream_keepalive_pool: raw.upstream_keepalive_pool.unwrap_or(1024),
+        upstream_idle_timeout: raw
+            .upstream_idle_timeout
+            .map_or(Duration::from_secs(30), |x| x.0),
+        max_retries: raw.max_retries.unwrap_or(3).max(1),
+        client_header_timeout: raw
+            .client_header_timeout
+            .map_or(Duration::from_secs(10), |x| x.0),
+        client_keepalive_timeout: raw
+            .client_keepalive_timeout
+            .map_or(Duration::from_secs(60), |x| x.0),
+        client_body_timeout: raw
+            .client_body_timeout
+            .map_or(Duration::from_secs(60), |x| x.0),
+        max_connections: raw.max_connections,
+    };
+    for (key, value) in [
+        ("client_header_timeout", proxy.client_header_timeout),
+        ("client_keepalive_timeout", proxy.client_keepalive_timeout),
+        ("client_body_timeout", proxy.client_body_timeout),
+        ("upstream_idle_timeout", proxy.upstream_idle_timeout),
+    ] {
+        if value.is_zero() {
+            errors.push(ctx.err(
+                &["proxy", key],
+                None,
+                format!("proxy.{key}"),
+                "must be more than 0".into(),
+            ));
+        }
+    }
+    if proxy.max_connections == Some(0) {
+        errors.push(ctx.err(
+            &["proxy", "max_connections"],
+            None,
+            "proxy.max_connections",
+            "must be at least 1 (omit it for no limit)".into(),
+        ));
+    }
+    proxy
+}
+
+/// `log`: tqproxy's own log, the access log and the workers' logs.
+fn log(raw: &RawLog, dir: &Path, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> LogSettings {
+    let level = raw.level.clone().unwrap_or_else(|| "info".into());
+    // Non-ASCII is refused before tracing-subscriber parses it: its directive parser
+    // (0.3.23, filter/env/directive.rs:143-151) slices a directive at offsets into its
+    // trimmed copy, which panics on leading whitespace before a multi-byte character
+    // (found by fuzz/). Related: https://github.com/tokio-rs/tracing/issues/2452
+    if !level.is_ascii() || tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        errors.push(ctx.err(
+            &["log", "level"],
+            None,
+            "log.level",
+            format!("invalid level `{level}` (e.g. info, debug, tqproxy=debug,pingora=warn)"),
+        ));
+    }
+    LogSettings {
+        level,
+        format: raw.format.unwrap_or(LogFormat::Text),
+        access_log: raw.access_log.as_deref().map(|p| resolve(dir, p)),
+        access_format: raw.access_format.unwrap_or(AccessLogFormat::Combined),
+        worker_log_max_size: raw.worker_log_max_size.map_or(64 << 20, |s| s.0),
+        worker_log_keep: raw.worker_log_keep.unwrap_or(5),
+        worker_log_rate: raw.worker_log_rate.unwrap_or(DEFAULT_WORKER_LOG_RATE),
+    }
+}
+
+/// `cgroups`: where the instances' cgroups are built.
+fn cgroups(raw: &RawCgroups, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> CgroupSettings {
+    let cgroups = CgroupSettings {
+        mode: raw.mode.unwrap_or(CgroupMode::Auto),
+        root: PathBuf::from(raw.root.as_deref().unwrap_or("/sys/fs/cgroup")),
+        base: raw.base.clone().unwrap_or_else(|| "tqproxy".into()),
+        delegated: raw.delegated.unwrap_or(false),
+    };
+    if cgroups.delegated && matches!(cgroups.mode, CgroupMode::V1 | CgroupMode::Off) {
+        errors.push(ctx.err(
+            &["cgroups", "delegated"],
+            None,
+            "cgroups.delegated",
+            "delegation is a cgroup v2 feature: use it with mode v2 or auto".to_string(),
+        ));
+    }
+    if !is_valid_name(&cgroups.base) {
+        errors.push(ctx.err(
+            &["cgroups", "base"],
+            None,
+            "cgroups.base",
+            format!("invalid cgroup name `{}`: {NAME_RULE}", cgroups.base),
+        ));
+    }
+    cgroups
+}
+
+/// `workers_dir`: every enabled worker of its subdirectories that have a `worker.yaml`, in
+/// the order of their names (each file's errors are collected on their own).
+fn workers(
+    workers_dir: &Path,
+    defaults: &Defaults,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeMap<String, Arc<WorkerConfig>> {
+    let mut workers = BTreeMap::new();
+    let entries = match std::fs::read_dir(workers_dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            errors.push(ctx.err(
+                &["workers_dir"],
+                None,
+                "workers_dir",
+                format!("cannot read {}: {e}", workers_dir.display()),
+            ));
+            return workers;
+        }
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("worker.yaml").is_file())
+        .collect();
+    dirs.sort();
+    for wdir in dirs {
+        match load_worker(&wdir, defaults) {
+            Ok(Some(w)) => {
+                workers.insert(w.name.clone(), Arc::new(w));
+            }
+            Ok(None) => {}
+            Err(mut es) => errors.append(&mut es),
+        }
+    }
+    workers
+}
+
+/// No route is served by two workers (the error is on the second worker's file).
+fn routes_served_once(
+    workers: &BTreeMap<String, Arc<WorkerConfig>>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let mut seen: HashMap<(Option<String>, String), String> = HashMap::new();
+    for w in workers.values() {
+        let wtext = std::fs::read_to_string(&w.file).unwrap_or_default();
+        let wctx = Ctx {
+            file: &w.file,
+            text: &wtext,
+        };
+        for r in &w.routes {
+            let key = (r.host.clone(), r.prefix.clone());
+            if let Some(other) = seen.get(&key) {
+                errors.push(wctx.err(
+                    &["routes"],
+                    Some(&format!("{}{}", r.host.as_deref().unwrap_or(""), r.prefix)),
+                    "routes",
+                    format!(
+                        "route `{}{}` is already served by worker `{other}`",
+                        r.host.as_deref().unwrap_or(""),
+                        r.prefix
+                    ),
+                ));
+            } else {
+                seen.insert(key, w.name.clone());
+            }
+        }
+    }
+}
+
+/// The port range holds what the TCP workers may use at once: during a deploy, twice their
+/// instances plus the surge.
+fn port_pool_suffices(
+    workers: &BTreeMap<String, Arc<WorkerConfig>>,
+    ports: &RangeInclusive<u16>,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) {
+    let needed: u64 = workers
+        .values()
+        .filter(|w| w.uses_port())
+        .map(|w| w.instances as u64 * 2 + w.deploy.max_surge as u64)
+        .sum();
+    let pool = (*ports.end() as u64) - (*ports.start() as u64) + 1;
+    if needed > pool {
+        errors.push(ctx.err(
+            &["ports"],
+            None,
+            "ports",
+            format!("range {}-{} has {pool} ports but the workers may need {needed} during a deploy (2 × instances + max_surge each)", ports.start(), ports.end()),
+        ));
     }
 }
 

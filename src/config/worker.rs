@@ -54,6 +54,9 @@ pub(super) fn load_worker(
     worker_from_text(dir, &text, defaults)
 }
 
+/// One function per part of the file, in the order of the errors they report; each returns
+/// its part of the model (with a stand-in where the part is wrong) and adds its errors to
+/// `errors`.
 fn worker_from_text(
     dir: &Path,
     text: &str,
@@ -74,234 +77,27 @@ fn worker_from_text(
         errors.push(ctx.err(&[], None, "", format!("directory name: {m}")));
     }
 
-    // command
-    let (program, args) = match raw.command.split_first() {
-        None => {
-            errors.push(ctx.err(
-                &["command"],
-                None,
-                "command",
-                "must name a program (e.g. [\"bin/hello\"])".into(),
-            ));
-            (PathBuf::new(), Vec::new())
-        }
-        Some((prog, args)) => match resolve_program(dir, prog) {
-            Ok(p) => (p, args.to_vec()),
-            Err(m) => {
-                errors.push(ctx.err(&["command"], None, "command", m));
-                (PathBuf::new(), Vec::new())
-            }
-        },
-    };
-    let cwd = resolve(dir, raw.cwd.as_deref().unwrap_or("."));
-    if raw.cwd.is_some() && !cwd.is_dir() {
-        errors.push(ctx.err(
-            &["cwd"],
-            None,
-            "cwd",
-            format!("{} is not a directory", cwd.display()),
-        ));
-    }
-
-    // routes
-    let mut routes = Vec::new();
-    for (i, r) in raw.routes.iter().enumerate() {
-        let (text_route, strip) = match r {
-            RawRoute::Short(s) => (s.as_str(), raw.strip_prefix),
-            RawRoute::Full(f) => (f.route.as_str(), f.strip_prefix.unwrap_or(raw.strip_prefix)),
-        };
-        match parse_route(text_route) {
-            Ok((host, prefix)) => {
-                let spec = RouteSpec {
-                    host,
-                    prefix,
-                    strip_prefix: strip,
-                };
-                if routes
-                    .iter()
-                    .any(|x: &RouteSpec| x.host == spec.host && x.prefix == spec.prefix)
-                {
-                    errors.push(ctx.err(
-                        &["routes"],
-                        Some(text_route),
-                        format!("routes[{i}]"),
-                        format!("route `{text_route}` is listed twice"),
-                    ));
-                }
-                routes.push(spec);
-            }
-            Err(m) => {
-                errors.push(ctx.err(&["routes"], Some(text_route), format!("routes[{i}]"), m))
-            }
-        }
-    }
-
-    for k in raw.env.keys() {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            errors.push(ctx.err(
-                &["env"],
-                Some(k),
-                format!("env.{k}"),
-                "invalid variable name".into(),
-            ));
-        }
-        if RESERVED_ENV.contains(&k.as_str()) {
-            errors.push(ctx.err(
-                &["env"],
-                Some(k),
-                format!("env.{k}"),
-                format!("`{k}` is set by tqproxy for every instance and cannot be overridden"),
-            ));
-        }
-    }
-    let mut env = BTreeMap::new();
-    env.insert("PATH".to_string(), DEFAULT_PATH_ENV.to_string());
-    env.extend(raw.env.clone());
-
-    let instances = raw.instances.unwrap_or(defaults.instances);
-    if instances > 256 {
-        errors.push(ctx.err(
-            &["instances"],
-            None,
-            "instances",
-            "at most 256 instances per worker".into(),
-        ));
-    }
-
-    let health = HealthConfig {
-        path: raw.health.path.clone(),
-        interval: raw.health.interval.map_or(Duration::from_secs(1), |x| x.0),
-        timeout: raw
-            .health
-            .timeout
-            .map_or(Duration::from_millis(500), |x| x.0),
-        unhealthy_after: raw.health.unhealthy_after.unwrap_or(3),
-    };
-    if let Some(p) = &health.path
-        && (!p.starts_with('/') || p.contains(char::is_whitespace))
-    {
-        errors.push(ctx.err(
-            &["health", "path"],
-            None,
-            "health.path",
-            format!("`{p}` must be an absolute path without spaces, e.g. /health"),
-        ));
-    }
-    if health.interval < Duration::from_millis(10) {
-        errors.push(ctx.err(
-            &["health", "interval"],
-            None,
-            "health.interval",
-            "must be at least 10ms".into(),
-        ));
-    }
-    if health.timeout.is_zero() {
-        errors.push(ctx.err(
-            &["health", "timeout"],
-            None,
-            "health.timeout",
-            "must be more than 0".into(),
-        ));
-    }
-    if health.unhealthy_after == 0 {
-        errors.push(ctx.err(
-            &["health", "unhealthy_after"],
-            None,
-            "health.unhealthy_after",
-            "must be at least 1".into(),
-        ));
-    }
-
-    let deploy = DeployConfig {
-        strategy: raw.deploy.strategy.unwrap_or(Strategy::Rolling),
-        max_surge: raw.deploy.max_surge.unwrap_or(1),
-        rollback_window: raw
-            .deploy
-            .rollback_window
-            .map_or(Duration::from_secs(60), |x| x.0),
-    };
-    if deploy.max_surge == 0 {
-        errors.push(ctx.err(
-            &["deploy", "max_surge"],
-            None,
-            "deploy.max_surge",
-            "must be at least 1".into(),
-        ));
-    }
-
-    let restart = RestartPolicy {
-        backoff: raw
-            .restart
-            .backoff
-            .map_or(Duration::from_millis(100), |x| x.0),
-        backoff_max: raw
-            .restart
-            .backoff_max
-            .map_or(Duration::from_secs(30), |x| x.0),
-        crashloop_after: raw.restart.crashloop_after.unwrap_or(5),
-        reset_after: raw
-            .restart
-            .reset_after
-            .map_or(Duration::from_secs(10), |x| x.0),
-    };
-    if restart.backoff_max < restart.backoff {
-        errors.push(ctx.err(
-            &["restart", "backoff_max"],
-            None,
-            "restart.backoff_max",
-            "must not be less than restart.backoff".into(),
-        ));
-    }
-
+    let (program, args) = command(&raw.command, dir, &ctx, &mut errors);
+    let cwd = cwd(raw.cwd.as_deref(), dir, &ctx, &mut errors);
+    let routes = routes(&raw.routes, raw.strip_prefix, &ctx, &mut errors);
+    let env = env(&raw.env, &ctx, &mut errors);
+    let instances = instances(raw.instances, defaults, &ctx, &mut errors);
+    // Without a health path, readiness is the port accepting, in a network namespace too:
+    // tqproxy owns the listening socket and probes it.
+    let health = health(&raw.health, &ctx, &mut errors);
+    let deploy = deploy(&raw.deploy, &ctx, &mut errors);
+    let restart = restart(&raw.restart, &ctx, &mut errors);
     let resources = worker_resources(&raw.resources, dir, &ctx, &mut errors);
     let mut sandbox = worker_sandbox(&raw.sandbox, &name, dir, &ctx, &mut errors);
-    // A private /tmp would hide the worker's own files if they live under /tmp.
-    let tmp = Path::new("/tmp");
-    let own_under_tmp = [dir, program.as_path(), cwd.as_path()]
-        .into_iter()
-        .chain(sandbox.read_write.iter().map(PathBuf::as_path))
-        .chain(sandbox.read_only.iter().map(PathBuf::as_path))
-        .find(|p| p.starts_with(tmp));
-    if let (true, Some(p)) = (sandbox.private_tmp, own_under_tmp) {
-        if raw.sandbox.private_tmp == Some(true) {
-            errors.push(ctx.err(
-                &["sandbox", "private_tmp"],
-                None,
-                "sandbox.private_tmp",
-                format!(
-                    "a private /tmp would hide {}, which this worker needs",
-                    p.display()
-                ),
-            ));
-        }
-        sandbox.private_tmp = false;
-    }
-    if sandbox.has(Namespace::Net) && raw.health.path.is_none() {
-        // Port readiness still works: tqproxy owns the listening socket and probes it.
-    }
-
-    let build = raw.build.as_ref().map(|b| {
-        if b.command.is_empty() {
-            errors.push(ctx.err(
-                &["build", "command"],
-                None,
-                "build.command",
-                "must name a program".into(),
-            ));
-        }
-        BuildConfig {
-            command: b.command.clone(),
-            watch: b.watch.iter().map(|w| resolve(dir, w)).collect(),
-            timeout: b.timeout.map_or(Duration::from_secs(300), |x| x.0),
-        }
-    });
-
-    let recycle_memory = raw.recycle_memory.map(|s| s.0);
-    if let (Some(r), Some(m)) = (recycle_memory, resources.memory)
-        && r >= m
-    {
-        errors.push(ctx.err(&["recycle_memory"], None, "recycle_memory", format!("{} is not below resources.memory ({}); the kernel would OOM-kill the instance before tqproxy recycles it", fmt_size(r), fmt_size(m))));
-    }
+    keep_own_files_out_of_private_tmp(
+        &mut sandbox,
+        raw.sandbox.private_tmp,
+        [dir, program.as_path(), cwd.as_path()],
+        &ctx,
+        &mut errors,
+    );
+    let build = build(raw.build.as_ref(), dir, &ctx, &mut errors);
+    let recycle_memory = recycle_memory(raw.recycle_memory, &resources, &ctx, &mut errors);
 
     let w = WorkerConfig {
         name,
@@ -338,6 +134,289 @@ fn worker_from_text(
     } else {
         Err(errors)
     }
+}
+
+/// `command`: the program (absolute, executable) and its arguments; empty when wrong.
+fn command(
+    raw: &[String],
+    dir: &Path,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> (PathBuf, Vec<String>) {
+    match raw.split_first() {
+        None => {
+            errors.push(ctx.err(
+                &["command"],
+                None,
+                "command",
+                "must name a program (e.g. [\"bin/hello\"])".into(),
+            ));
+            (PathBuf::new(), Vec::new())
+        }
+        Some((prog, args)) => match resolve_program(dir, prog) {
+            Ok(p) => (p, args.to_vec()),
+            Err(m) => {
+                errors.push(ctx.err(&["command"], None, "command", m));
+                (PathBuf::new(), Vec::new())
+            }
+        },
+    }
+}
+
+/// `cwd`: the worker's directory unless set; a set one must be a directory.
+fn cwd(raw: Option<&str>, dir: &Path, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> PathBuf {
+    let cwd = resolve(dir, raw.unwrap_or("."));
+    if raw.is_some() && !cwd.is_dir() {
+        errors.push(ctx.err(
+            &["cwd"],
+            None,
+            "cwd",
+            format!("{} is not a directory", cwd.display()),
+        ));
+    }
+    cwd
+}
+
+/// `routes` (each one once), with the file's `strip_prefix` where a route does not say.
+fn routes(
+    raw: &[RawRoute],
+    strip_prefix: bool,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<RouteSpec> {
+    let mut routes = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let (text_route, strip) = match r {
+            RawRoute::Short(s) => (s.as_str(), strip_prefix),
+            RawRoute::Full(f) => (f.route.as_str(), f.strip_prefix.unwrap_or(strip_prefix)),
+        };
+        match parse_route(text_route) {
+            Ok((host, prefix)) => {
+                let spec = RouteSpec {
+                    host,
+                    prefix,
+                    strip_prefix: strip,
+                };
+                if routes
+                    .iter()
+                    .any(|x: &RouteSpec| x.host == spec.host && x.prefix == spec.prefix)
+                {
+                    errors.push(ctx.err(
+                        &["routes"],
+                        Some(text_route),
+                        format!("routes[{i}]"),
+                        format!("route `{text_route}` is listed twice"),
+                    ));
+                }
+                routes.push(spec);
+            }
+            Err(m) => {
+                errors.push(ctx.err(&["routes"], Some(text_route), format!("routes[{i}]"), m))
+            }
+        }
+    }
+    routes
+}
+
+/// `env`: valid names, none of [`RESERVED_ENV`]; over a default `PATH`.
+fn env(
+    raw: &BTreeMap<String, String>,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeMap<String, String> {
+    for k in raw.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            errors.push(ctx.err(
+                &["env"],
+                Some(k),
+                format!("env.{k}"),
+                "invalid variable name".into(),
+            ));
+        }
+        if RESERVED_ENV.contains(&k.as_str()) {
+            errors.push(ctx.err(
+                &["env"],
+                Some(k),
+                format!("env.{k}"),
+                format!("`{k}` is set by tqproxy for every instance and cannot be overridden"),
+            ));
+        }
+    }
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_string(), DEFAULT_PATH_ENV.to_string());
+    env.extend(raw.clone());
+    env
+}
+
+/// `instances`: the global `defaults.instances` unless set; at most 256.
+fn instances(
+    raw: Option<u32>,
+    defaults: &Defaults,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> u32 {
+    let instances = raw.unwrap_or(defaults.instances);
+    if instances > 256 {
+        errors.push(ctx.err(
+            &["instances"],
+            None,
+            "instances",
+            "at most 256 instances per worker".into(),
+        ));
+    }
+    instances
+}
+
+/// `health`: the readiness and liveness checks.
+fn health(raw: &RawHealth, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> HealthConfig {
+    let health = HealthConfig {
+        path: raw.path.clone(),
+        interval: raw.interval.map_or(Duration::from_secs(1), |x| x.0),
+        timeout: raw.timeout.map_or(Duration::from_millis(500), |x| x.0),
+        unhealthy_after: raw.unhealthy_after.unwrap_or(3),
+    };
+    if let Some(p) = &health.path
+        && (!p.starts_with('/') || p.contains(char::is_whitespace))
+    {
+        errors.push(ctx.err(
+            &["health", "path"],
+            None,
+            "health.path",
+            format!("`{p}` must be an absolute path without spaces, e.g. /health"),
+        ));
+    }
+    if health.interval < Duration::from_millis(10) {
+        errors.push(ctx.err(
+            &["health", "interval"],
+            None,
+            "health.interval",
+            "must be at least 10ms".into(),
+        ));
+    }
+    if health.timeout.is_zero() {
+        errors.push(ctx.err(
+            &["health", "timeout"],
+            None,
+            "health.timeout",
+            "must be more than 0".into(),
+        ));
+    }
+    if health.unhealthy_after == 0 {
+        errors.push(ctx.err(
+            &["health", "unhealthy_after"],
+            None,
+            "health.unhealthy_after",
+            "must be at least 1".into(),
+        ));
+    }
+    health
+}
+
+/// `deploy`: how a new revision replaces the running one.
+fn deploy(raw: &RawDeploy, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> DeployConfig {
+    let deploy = DeployConfig {
+        strategy: raw.strategy.unwrap_or(Strategy::Rolling),
+        max_surge: raw.max_surge.unwrap_or(1),
+        rollback_window: raw.rollback_window.map_or(Duration::from_secs(60), |x| x.0),
+    };
+    if deploy.max_surge == 0 {
+        errors.push(ctx.err(
+            &["deploy", "max_surge"],
+            None,
+            "deploy.max_surge",
+            "must be at least 1".into(),
+        ));
+    }
+    deploy
+}
+
+/// `restart`: the backoff between restarts of a failing instance.
+fn restart(raw: &RawRestart, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> RestartPolicy {
+    let restart = RestartPolicy {
+        backoff: raw.backoff.map_or(Duration::from_millis(100), |x| x.0),
+        backoff_max: raw.backoff_max.map_or(Duration::from_secs(30), |x| x.0),
+        crashloop_after: raw.crashloop_after.unwrap_or(5),
+        reset_after: raw.reset_after.map_or(Duration::from_secs(10), |x| x.0),
+    };
+    if restart.backoff_max < restart.backoff {
+        errors.push(ctx.err(
+            &["restart", "backoff_max"],
+            None,
+            "restart.backoff_max",
+            "must not be less than restart.backoff".into(),
+        ));
+    }
+    restart
+}
+
+/// A private /tmp would hide the worker's own files if they live under /tmp: it is then off,
+/// and an error if `sandbox.private_tmp: true` asked for it.
+fn keep_own_files_out_of_private_tmp(
+    sandbox: &mut SandboxConfig,
+    asked: Option<bool>,
+    own: [&Path; 3],
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) {
+    let tmp = Path::new("/tmp");
+    let own_under_tmp = own
+        .into_iter()
+        .chain(sandbox.read_write.iter().map(PathBuf::as_path))
+        .chain(sandbox.read_only.iter().map(PathBuf::as_path))
+        .find(|p| p.starts_with(tmp));
+    if let (true, Some(p)) = (sandbox.private_tmp, own_under_tmp) {
+        if asked == Some(true) {
+            errors.push(ctx.err(
+                &["sandbox", "private_tmp"],
+                None,
+                "sandbox.private_tmp",
+                format!(
+                    "a private /tmp would hide {}, which this worker needs",
+                    p.display()
+                ),
+            ));
+        }
+        sandbox.private_tmp = false;
+    }
+}
+
+/// `build`: the command `run --watch` runs before a deploy.
+fn build(
+    raw: Option<&RawBuild>,
+    dir: &Path,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> Option<BuildConfig> {
+    let b = raw?;
+    if b.command.is_empty() {
+        errors.push(ctx.err(
+            &["build", "command"],
+            None,
+            "build.command",
+            "must name a program".into(),
+        ));
+    }
+    Some(BuildConfig {
+        command: b.command.clone(),
+        watch: b.watch.iter().map(|w| resolve(dir, w)).collect(),
+        timeout: b.timeout.map_or(Duration::from_secs(300), |x| x.0),
+    })
+}
+
+/// `recycle_memory`: below `resources.memory`, or the kernel kills first.
+fn recycle_memory(
+    raw: Option<HumanSize>,
+    resources: &Resources,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> Option<u64> {
+    let recycle_memory = raw.map(|s| s.0);
+    if let (Some(r), Some(m)) = (recycle_memory, resources.memory)
+        && r >= m
+    {
+        errors.push(ctx.err(&["recycle_memory"], None, "recycle_memory", format!("{} is not below resources.memory ({}); the kernel would OOM-kill the instance before tqproxy recycles it", fmt_size(r), fmt_size(m))));
+    }
+    recycle_memory
 }
 
 /// Environment variables tqproxy sets itself.
@@ -432,46 +511,49 @@ pub(super) fn worker_resources(
             format!("{n} is out of range (16 to 1048576)"),
         ));
     }
-    if let Some(io) = &r.io {
-        let device = resolve(dir, io.device.as_deref().unwrap_or("."));
-        // The block device (whole disk) whose bandwidth is limited: the device node itself,
-        // or the one holding the given path.
-        let numbers = match crate::sandbox::block_device_of(&device) {
-            Ok(n) => n,
-            Err(e) => {
-                errors.push(ctx.err(
-                    &["resources", "io", "device"],
-                    None,
-                    "resources.io.device",
-                    format!("{}: no block device to limit ({e})", device.display()),
-                ));
-                (0, 0)
-            }
-        };
-        if io.read_bps.is_none()
-            && io.write_bps.is_none()
-            && io.read_iops.is_none()
-            && io.write_iops.is_none()
-        {
-            errors.push(ctx.err(
-                &["resources", "io"],
-                None,
-                "resources.io",
-                "set at least one of read_bps, write_bps, read_iops, write_iops".into(),
-            ));
-        }
-        res.io = Some(IoSettings {
-            device,
-            numbers,
-            read_bps: io.read_bps.map(|s| s.0),
-            write_bps: io.write_bps.map(|s| s.0),
-            read_iops: io.read_iops,
-            write_iops: io.write_iops,
-        });
-    }
+    res.io = r.io.as_ref().map(|io| worker_io(io, dir, ctx, errors));
     res
 }
 
+/// `resources.io`: the block device (the whole disk) whose bandwidth is limited, the device
+/// node itself or the one holding the given path, and at least one limit.
+fn worker_io(io: &RawIo, dir: &Path, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> IoSettings {
+    let device = resolve(dir, io.device.as_deref().unwrap_or("."));
+    let numbers = match crate::sandbox::block_device_of(&device) {
+        Ok(n) => n,
+        Err(e) => {
+            errors.push(ctx.err(
+                &["resources", "io", "device"],
+                None,
+                "resources.io.device",
+                format!("{}: no block device to limit ({e})", device.display()),
+            ));
+            (0, 0)
+        }
+    };
+    if io.read_bps.is_none()
+        && io.write_bps.is_none()
+        && io.read_iops.is_none()
+        && io.write_iops.is_none()
+    {
+        errors.push(ctx.err(
+            &["resources", "io"],
+            None,
+            "resources.io",
+            "set at least one of read_bps, write_bps, read_iops, write_iops".into(),
+        ));
+    }
+    IoSettings {
+        device,
+        numbers,
+        read_bps: io.read_bps.map(|s| s.0),
+        write_bps: io.write_bps.map(|s| s.0),
+        read_iops: io.read_iops,
+        write_iops: io.write_iops,
+    }
+}
+
+/// `sandbox`: the instance's user, namespaces, seccomp, landlock and filesystem view.
 pub(super) fn worker_sandbox(
     s: &RawSandbox,
     name: &str,
@@ -479,91 +561,9 @@ pub(super) fn worker_sandbox(
     ctx: &Ctx,
     errors: &mut Vec<ConfigError>,
 ) -> SandboxConfig {
-    let user = if s.dynamic_user {
-        if s.user.is_some() || s.group.is_some() {
-            errors.push(ctx.err(
-                &["sandbox", "dynamic_user"],
-                None,
-                "sandbox.dynamic_user",
-                "cannot be combined with sandbox.user or sandbox.group".into(),
-            ));
-        }
-        let uid = dynamic_uid(name);
-        UserSpec::Dynamic { uid, gid: uid }
-    } else if let Some(u) = &s.user {
-        match nix::unistd::User::from_name(u) {
-            Ok(Some(pw)) => {
-                let (group, gid) = match &s.group {
-                    None => (
-                        nix::unistd::Group::from_gid(pw.gid)
-                            .ok()
-                            .flatten()
-                            .map_or_else(|| pw.gid.to_string(), |g| g.name),
-                        pw.gid.as_raw(),
-                    ),
-                    Some(g) => match nix::unistd::Group::from_name(g) {
-                        Ok(Some(gr)) => (gr.name, gr.gid.as_raw()),
-                        _ => {
-                            errors.push(ctx.err(&["sandbox", "group"], None, "sandbox.group", format!("group `{g}` does not exist (create it, e.g. `groupadd --system {g}`)")));
-                            (g.clone(), 0)
-                        }
-                    },
-                };
-                UserSpec::Named {
-                    user: u.clone(),
-                    group,
-                    uid: pw.uid.as_raw(),
-                    gid,
-                }
-            }
-            _ => {
-                errors.push(ctx.err(&["sandbox", "user"], None, "sandbox.user", format!("user `{u}` does not exist (create it with `useradd --system --no-create-home {u}`, or use dynamic_user: true)")));
-                UserSpec::Inherit
-            }
-        }
-    } else {
-        if s.group.is_some() {
-            errors.push(ctx.err(
-                &["sandbox", "group"],
-                None,
-                "sandbox.group",
-                "needs sandbox.user".into(),
-            ));
-        }
-        UserSpec::Inherit
-    };
-    let mut namespaces = Vec::new();
-    for ns in &s.namespaces {
-        if namespaces.contains(ns) {
-            errors.push(ctx.err(
-                &["sandbox", "namespaces"],
-                None,
-                "sandbox.namespaces",
-                format!("{ns:?} is listed twice").to_lowercase(),
-            ));
-        } else {
-            namespaces.push(*ns);
-        }
-    }
-    let seccomp = match s.seccomp.as_deref() {
-        None | Some("off") => SeccompSetting::Off,
-        Some("default") => SeccompSetting::Default,
-        Some(p) => {
-            let path = resolve(dir, p);
-            if !path.is_file() {
-                errors.push(ctx.err(
-                    &["sandbox", "seccomp"],
-                    None,
-                    "sandbox.seccomp",
-                    format!(
-                        "expected `default`, `off` or a profile file; {} does not exist",
-                        path.display()
-                    ),
-                ));
-            }
-            SeccompSetting::Profile(path)
-        }
-    };
+    let user = sandbox_user(s, name, ctx, errors);
+    let namespaces = sandbox_namespaces(&s.namespaces, ctx, errors);
+    let seccomp = sandbox_seccomp(s.seccomp.as_deref(), dir, ctx, errors);
     let read_write: Vec<PathBuf> = s.read_write.iter().map(|p| resolve(dir, p)).collect();
     let read_only: Vec<PathBuf> = s.read_only.iter().map(|p| resolve(dir, p)).collect();
     for (i, p) in read_only.iter().enumerate() {
@@ -606,5 +606,119 @@ pub(super) fn worker_sandbox(
         read_only,
         read_only_root,
         private_tmp,
+    }
+}
+
+/// `sandbox.user`, `group`, `dynamic_user`: whose credentials the instance runs with.
+fn sandbox_user(s: &RawSandbox, name: &str, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> UserSpec {
+    if s.dynamic_user {
+        if s.user.is_some() || s.group.is_some() {
+            errors.push(ctx.err(
+                &["sandbox", "dynamic_user"],
+                None,
+                "sandbox.dynamic_user",
+                "cannot be combined with sandbox.user or sandbox.group".into(),
+            ));
+        }
+        let uid = dynamic_uid(name);
+        UserSpec::Dynamic { uid, gid: uid }
+    } else if let Some(u) = &s.user {
+        named_user(u, s.group.as_deref(), ctx, errors)
+    } else {
+        if s.group.is_some() {
+            errors.push(ctx.err(
+                &["sandbox", "group"],
+                None,
+                "sandbox.group",
+                "needs sandbox.user".into(),
+            ));
+        }
+        UserSpec::Inherit
+    }
+}
+
+/// The host's user `u`, with `group` or else the user's own group.
+fn named_user(u: &str, group: Option<&str>, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> UserSpec {
+    let Ok(Some(pw)) = nix::unistd::User::from_name(u) else {
+        errors.push(ctx.err(&["sandbox", "user"], None, "sandbox.user", format!("user `{u}` does not exist (create it with `useradd --system --no-create-home {u}`, or use dynamic_user: true)")));
+        return UserSpec::Inherit;
+    };
+    let (group, gid) = match group {
+        None => (
+            nix::unistd::Group::from_gid(pw.gid)
+                .ok()
+                .flatten()
+                .map_or_else(|| pw.gid.to_string(), |g| g.name),
+            pw.gid.as_raw(),
+        ),
+        Some(g) => match nix::unistd::Group::from_name(g) {
+            Ok(Some(gr)) => (gr.name, gr.gid.as_raw()),
+            _ => {
+                errors.push(ctx.err(
+                    &["sandbox", "group"],
+                    None,
+                    "sandbox.group",
+                    format!("group `{g}` does not exist (create it, e.g. `groupadd --system {g}`)"),
+                ));
+                (g.to_string(), 0)
+            }
+        },
+    };
+    UserSpec::Named {
+        user: u.to_string(),
+        group,
+        uid: pw.uid.as_raw(),
+        gid,
+    }
+}
+
+/// `sandbox.namespaces`, each once.
+fn sandbox_namespaces(
+    raw: &[Namespace],
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Namespace> {
+    let mut namespaces = Vec::new();
+    for ns in raw {
+        if namespaces.contains(ns) {
+            errors.push(ctx.err(
+                &["sandbox", "namespaces"],
+                None,
+                "sandbox.namespaces",
+                format!("{ns:?} is listed twice").to_lowercase(),
+            ));
+        } else {
+            namespaces.push(*ns);
+        }
+    }
+    namespaces
+}
+
+/// `sandbox.seccomp`: `off` (the default), `default`, or a profile file that exists (whether
+/// it compiles is [`check_worker`]'s to say).
+fn sandbox_seccomp(
+    raw: Option<&str>,
+    dir: &Path,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> SeccompSetting {
+    match raw {
+        None | Some("off") => SeccompSetting::Off,
+        Some("default") => SeccompSetting::Default,
+        Some(p) => {
+            let path = resolve(dir, p);
+            if !path.is_file() {
+                errors.push(ctx.err(
+                    &["sandbox", "seccomp"],
+                    None,
+                    "sandbox.seccomp",
+                    format!(
+                        "expected `default`, `off` or a profile file; {} does not exist",
+                        path.display()
+                    ),
+                ));
+            }
+            SeccompSetting::Profile(path)
+        }
     }
 }
