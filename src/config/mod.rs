@@ -11,7 +11,8 @@
 //!
 //! Here: the errors and the validated model. `raw` holds the YAML structs, `units` the
 //! human durations and sizes, `load` the global file and the path/route helpers, `worker` a
-//! worker file, `locate` the file:line of every error.
+//! worker file, `locate` the file:line of every error, `check` what only the host can tell
+//! (run by `tqproxy check`, reload and deploy on a loaded model).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -25,12 +26,14 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
+mod check;
 mod load;
 mod locate;
 mod raw;
 mod units;
 mod worker;
 
+pub use check::{check_worker, check_workers};
 pub use load::*;
 use locate::*;
 use raw::*;
@@ -41,9 +44,13 @@ use worker::*;
 /// A configuration error: which file, which line (when known), which key, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The file the error is in, absolute.
     pub file: PathBuf,
+    /// 1-based, when the key or value is found in the text.
     pub line: Option<usize>,
+    /// The key's path (`resources.memory`, `routes[1]`); empty for the file as a whole.
     pub key: String,
+    /// What is wrong, and what would be right.
     pub message: String,
 }
 
@@ -157,10 +164,12 @@ pub enum Namespace {
     User,
 }
 
-/// A public listener.
+/// A public listener: an item of `listen` (default: one, `127.0.0.1:8080`, plain).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
+    /// `addr` (or the item itself, `"IP:PORT"`): required.
     pub addr: SocketAddr,
+    /// Default [`ListenerKind::Plain`]; `tls` or `redirect_https` make it another.
     pub kind: ListenerKind,
 }
 
@@ -170,39 +179,56 @@ pub enum ListenerKind {
     Plain,
     /// TLS with certificates chosen by SNI (the first is the default); HTTP/2 via ALPN.
     Tls {
+        /// `tls.cert` + `tls.key`, then `tls.certificates`: at least one is required.
         certificates: Vec<crate::tls::CertFiles>,
+        /// `tls.h2`: offer HTTP/2 by ALPN (default true).
         h2: bool,
     },
     /// Answers every request with a redirect to `https://<host>:<port>` (port 443 omitted).
-    RedirectHttps { port: u16 },
+    RedirectHttps {
+        /// `redirect_https: PORT`, or 443 for `redirect_https: true`.
+        port: u16,
+    },
 }
 
 /// The whole configuration: the global file plus every enabled worker.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The global file, absolute.
+    /// The global file (`tqproxy -c`, default `conf/tqproxy.yaml`), absolute. Paths below
+    /// resolve against its directory.
     pub file: PathBuf,
-    /// Every listener's address (see `listeners` for what each does).
+    /// Every listener's address (see `listeners` for what each does): `listen`, default
+    /// `["127.0.0.1:8080"]`; at least one.
     pub listen: Vec<SocketAddr>,
+    /// The listeners of `listen`, in its order.
     pub listeners: Vec<Listener>,
+    /// `control.socket`: default `../run/tqproxy.sock`.
     pub control_socket: PathBuf,
+    /// `control.admin`: default `127.0.0.1:8090`; loopback only; `off` is `None`.
     pub admin: Option<SocketAddr>,
+    /// `workers_dir`: default `../workers`.
     pub workers_dir: PathBuf,
+    /// `logs_dir`: default `../logs`.
     pub logs_dir: PathBuf,
+    /// `run_dir`: default `../run`.
     pub run_dir: PathBuf,
+    /// `ports`, the instance ports: default `9000-9999`.
     pub ports: RangeInclusive<u16>,
+    /// `proxy` (each field's default on it).
     pub proxy: ProxySettings,
+    /// `log` (each field's default on it).
     pub log: LogSettings,
+    /// `cgroups` (each field's default on it).
     pub cgroups: CgroupSettings,
-    /// Enabled workers by name.
+    /// The enabled workers of `workers_dir`, by name (default: none).
     pub workers: BTreeMap<String, Arc<WorkerConfig>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxySettings {
-    /// Accept HTTP/2 without TLS (prior knowledge) on plain listeners.
+    /// Accept HTTP/2 without TLS (prior knowledge) on plain listeners (default false).
     pub h2c: bool,
-    /// Proxy threads (default: available cores).
+    /// Proxy threads, 1-256 (default: available cores).
     pub threads: usize,
     /// Idle upstream connections kept per proxy thread (default 1024: at least the expected
     /// client concurrency, or requests open new upstream connections).
@@ -210,7 +236,7 @@ pub struct ProxySettings {
     /// How long an idle upstream connection is kept (default 30s; keep it below the workers'
     /// own keep-alive timeout so tqproxy closes pooled connections first).
     pub upstream_idle_timeout: Duration,
-    /// Attempts per request, first included (default 3).
+    /// Attempts per request, first included (default 3; 0 counts as 1).
     pub max_retries: usize,
     /// The whole request head must arrive within this (default 10s), else 408 and close.
     pub client_header_timeout: Duration,
@@ -226,32 +252,47 @@ pub struct ProxySettings {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogSettings {
+    /// tqproxy's log filter, tracing-subscriber's syntax (default `info`); `TQPROXY_LOG`
+    /// overrides it.
     pub level: String,
+    /// tqproxy's log lines (default text).
     pub format: LogFormat,
+    /// The access log file (default: none, no access log).
     pub access_log: Option<PathBuf>,
+    /// The access log's lines (default combined).
     pub access_format: AccessLogFormat,
+    /// Bytes after which `logs/<worker>.log` is rotated (default 64M).
     pub worker_log_max_size: u64,
+    /// Rotated worker logs kept (default 5).
     pub worker_log_keep: u32,
-    /// Lines per second read from each stream of each instance (0: no limit); beyond it the
-    /// pipe fills and the worker's own writes wait.
+    /// Lines per second read from each stream of each instance (default
+    /// [`DEFAULT_WORKER_LOG_RATE`]; 0: no limit); beyond it the pipe fills and the worker's
+    /// own writes wait.
     pub worker_log_rate: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CgroupSettings {
+    /// Which hierarchy to use (default auto: what `root` holds; off: no cgroups, no limits).
     pub mode: CgroupMode,
+    /// Where the hierarchy is mounted (default `/sys/fs/cgroup`).
     pub root: PathBuf,
+    /// The directory of tqproxy's cgroups under `root` (default `tqproxy`; [`NAME_RULE`]).
     pub base: String,
     /// cgroup v2: build the tree inside tqproxy's own (systemd `Delegate=yes`) unit cgroup,
-    /// with tqproxy itself moved to `<unit>/supervisor`, instead of at `<root>/<base>`.
+    /// with tqproxy itself moved to `<unit>/supervisor`, instead of at `<root>/<base>`
+    /// (default false).
     pub delegated: bool,
 }
 
 /// A route: optional host, path prefix (no trailing slash, `/` for everything), stripping.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct RouteSpec {
+    /// The host before the first `/`, lowercase, maybe `*.` (default: none, any host).
     pub host: Option<String>,
+    /// The path from the first `/` (required; `example.com` alone means `/`).
     pub prefix: String,
+    /// The route's `strip_prefix`, else the worker's (default false).
     pub strip_prefix: bool,
 }
 
@@ -270,56 +311,77 @@ impl fmt::Display for RouteSpec {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
-    /// HTTP path answered with 2xx when ready; `None` = ready when the port accepts.
+    /// HTTP path answered with 2xx when ready (default: none, ready when the port accepts).
     pub path: Option<String>,
+    /// Time between two checks (default 1s; at least 10ms).
     pub interval: Duration,
+    /// How long a check may take (default 500ms).
     pub timeout: Duration,
-    /// Consecutive failed liveness checks before the instance is replaced.
+    /// Consecutive failed liveness checks before the instance is replaced (default 3).
     pub unhealthy_after: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeployConfig {
+    /// How a new revision replaces the running one (default rolling).
     pub strategy: Strategy,
-    /// New instances started at once by a rolling deploy.
+    /// New instances started at once by a rolling deploy (default 1).
     pub max_surge: u32,
-    /// How long a blue/green deploy keeps the previous generation alive for `rollback`.
+    /// How long a blue/green deploy keeps the previous generation alive for `rollback`
+    /// (default 60s).
     pub rollback_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RestartPolicy {
+    /// Wait before the first restart, doubled after each further failure (default 100ms).
     pub backoff: Duration,
+    /// The longest wait (default 30s; not below `backoff`).
     pub backoff_max: Duration,
-    /// Consecutive failures after which the instance is shown as `crashloop`.
+    /// Consecutive failures after which the instance is shown as `crashloop` (default 5).
     pub crashloop_after: u32,
-    /// Time ready after which the failure count is forgotten.
+    /// Time ready after which the failure count is forgotten (default 10s).
     pub reset_after: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct IoSettings {
-    /// As configured (a device node or a path on the device).
+    /// As configured, a device node or a path on the device (default `.`: the worker's
+    /// directory's disk).
     pub device: PathBuf,
-    /// The whole disk's major:minor.
+    /// The whole disk's major:minor (found from `device`).
     pub numbers: (u32, u32),
+    /// Bytes read per second (default: no limit). At least one of the four is required.
     pub read_bps: Option<u64>,
+    /// Bytes written per second (default: no limit).
     pub write_bps: Option<u64>,
+    /// Read operations per second (default: no limit).
     pub read_iops: Option<u64>,
+    /// Write operations per second (default: no limit).
     pub write_iops: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Resources {
+    /// Hard memory limit in bytes, per instance (default: none; at least 1M).
     pub memory: Option<u64>,
+    /// Soft memory limit in bytes (default: none; not above `memory`).
     pub memory_high: Option<u64>,
+    /// CPU cores, as a CFS quota (default: none; 0.01 to 1024).
     pub cpu: Option<f64>,
+    /// CPU weight, 1 to 10000 (default: none, the kernel's 100).
     pub cpu_weight: Option<u64>,
+    /// Processes and threads (default: none; at least 1).
     pub pids: Option<u64>,
+    /// RLIMIT_NOFILE (default: none, tqproxy's own; 16 to 1048576).
     pub open_files: Option<u64>,
+    /// RLIMIT_CORE in bytes (default 0: no core dumps).
     pub core: u64,
+    /// RLIMIT_AS in bytes (default: none).
     pub address_space: Option<u64>,
+    /// RLIMIT_FSIZE in bytes (default: none).
     pub file_size: Option<u64>,
+    /// Block I/O limits (default: none).
     pub io: Option<IoSettings>,
     /// CPU scheduling policy of the instances (default `batch`).
     pub cpu_scheduling: crate::sandbox::CpuScheduling,
@@ -343,14 +405,23 @@ pub enum UserSpec {
     Inherit,
     /// A user (and group) that exist on the host.
     Named {
+        /// `sandbox.user`.
         user: String,
+        /// `sandbox.group`, else the user's own group.
         group: String,
+        /// The user's uid.
         uid: u32,
+        /// The group's gid.
         gid: u32,
     },
     /// A uid/gid allocated by tqproxy from 61184–65519 (systemd's DynamicUser range), stable
     /// per worker name, with no passwd entry.
-    Dynamic { uid: u32, gid: u32 },
+    Dynamic {
+        /// See [`dynamic_uid`].
+        uid: u32,
+        /// The same number as `uid`.
+        gid: u32,
+    },
 }
 
 impl UserSpec {
@@ -371,13 +442,22 @@ pub enum SeccompSetting {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SandboxConfig {
+    /// `user` (+ `group`) or `dynamic_user` (default: inherit tqproxy's).
     pub user: UserSpec,
+    /// Namespaces to unshare, each once (default: none).
     pub namespaces: Vec<Namespace>,
+    /// The syscall filter (default off).
     pub seccomp: SeccompSetting,
+    /// Landlock filesystem rules (default false).
     pub landlock: bool,
+    /// Writable paths, created for the worker's user (default: none; not `/`).
     pub read_write: Vec<PathBuf>,
+    /// Paths made read-only, which must exist (default: none).
     pub read_only: Vec<PathBuf>,
+    /// Mount the root read-only (default: true with a mount or pid namespace, else false).
     pub read_only_root: bool,
+    /// A private /tmp (default: true with a mount or pid namespace, else false; false when
+    /// the worker's own files live under /tmp).
     pub private_tmp: bool,
 }
 
@@ -389,17 +469,24 @@ impl SandboxConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BuildConfig {
+    /// The build command, run in the worker's directory (required, not empty).
     pub command: Vec<String>,
+    /// Paths whose changes start a build (default: none).
     pub watch: Vec<PathBuf>,
+    /// How long a build may take (default 5m).
     pub timeout: Duration,
 }
 
 /// Identity of the worker's program file, so that replacing the binary counts as a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {
+    /// The device of the file system.
     pub dev: u64,
+    /// The inode.
     pub ino: u64,
+    /// The size in bytes.
     pub size: u64,
+    /// The modification time, in nanoseconds since the epoch.
     pub mtime_ns: i128,
 }
 
@@ -419,35 +506,62 @@ impl FileStamp {
 /// worker untouched) when they compare equal, which includes the program file's identity.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerConfig {
+    /// The name of the worker's directory ([`NAME_RULE`]).
     pub name: String,
     /// The worker's `worker.yaml`, absolute.
     pub file: PathBuf,
     /// The worker's directory.
     pub dir: PathBuf,
-    /// Absolute program path.
+    /// `command[0]`, required: absolute, relative to the worker's directory, or looked up
+    /// in `PATH`; executable.
     pub program: PathBuf,
+    /// The program file's identity when loaded (`None` if it could not be read).
     pub program_stamp: Option<FileStamp>,
+    /// The rest of `command` (default: none).
     pub args: Vec<String>,
+    /// The working directory (default: the worker's directory).
     pub cwd: PathBuf,
+    /// The routes served (default: none).
     pub routes: Vec<RouteSpec>,
+    /// Instances kept running (default: the global `defaults.instances`, 1; at most 256).
     pub instances: u32,
+    /// The instances' environment besides what tqproxy sets ([`RESERVED_ENV`]): `env`, over
+    /// a default `PATH`.
     pub env: BTreeMap<String, String>,
+    /// `health` (each field's default on it).
     pub health: HealthConfig,
+    /// `deploy` (each field's default on it).
     pub deploy: DeployConfig,
+    /// In-flight requests get this long before an instance is stopped (default: the global
+    /// `defaults.drain_timeout`, 30s).
     pub drain_timeout: Duration,
+    /// SIGTERM → SIGKILL (default: `defaults.stop_timeout`, 10s).
     pub stop_timeout: Duration,
+    /// A request waits this long for a ready instance, then 503 (default:
+    /// `defaults.queue_timeout`, 5s).
     pub queue_timeout: Duration,
+    /// A new instance must be ready within this (default: `defaults.start_timeout`, 30s).
     pub start_timeout: Duration,
+    /// Longest wait to connect to an instance (default: `defaults.connect_timeout`, 2s).
     pub connect_timeout: Duration,
+    /// Longest wait on each read from (and write to) an instance's connection (default:
+    /// `defaults.read_timeout`, 60s).
     pub read_timeout: Duration,
+    /// Requests after which an instance is recycled (default 0: never).
     pub max_requests: u64,
+    /// Memory above which an instance is recycled gracefully (default: none; below
+    /// `resources.memory`).
     pub recycle_memory: Option<u64>,
+    /// `restart` (each field's default on it).
     pub restart: RestartPolicy,
+    /// `resources` (each field's default on it; default: no limits).
     pub resources: Resources,
+    /// `sandbox` (each field's default on it; default: no isolation).
     pub sandbox: SandboxConfig,
+    /// `build`, for `run --watch` (default: none).
     pub build: Option<BuildConfig>,
-    /// Pass the listening socket as fd 3 (always on with a network namespace and with
-    /// `transport: unix`).
+    /// Pass the listening socket as fd 3 (default false; always on with a network namespace
+    /// and with `transport: unix`).
     pub pass_socket: bool,
     /// TCP (default) or a unix socket between the proxy and the instances.
     pub transport: Transport,
@@ -520,10 +634,193 @@ mod tests {
     fn names() {
         assert!(validate_name("hello").is_ok());
         assert!(validate_name("api-v2_x").is_ok());
+        assert!(validate_name("0x").is_ok());
+        assert!(validate_name(&"a".repeat(48)).is_ok());
+        assert!(validate_name(&"a".repeat(49)).is_err());
         assert!(validate_name("Hello").is_err());
         assert!(validate_name("../x").is_err());
+        assert!(validate_name("a.b").is_err());
         assert!(validate_name("").is_err());
         assert!(validate_name("-x").is_err());
+        assert!(validate_name("_x").is_err());
+        assert_eq!(
+            validate_name("Bad_Name"),
+            Err(format!("invalid worker name `Bad_Name`: {NAME_RULE}"))
+        );
+    }
+
+    #[test]
+    fn every_name_the_rule_accepts_passes_the_sandbox_check() {
+        // The sandbox checks each cgroup directory it creates (`<base>`, `<worker>.<id>.<n>`)
+        // with its own, wider rule: no name the config accepts may fail there.
+        use crate::sandbox::cgroup::validate_name as sandbox_ok;
+        let mut names: Vec<String> = (0..=255u8)
+            .map(|b| (b as char).to_string())
+            .chain(["a-", "a_", "9-_z", "tqproxy-it"].map(String::from))
+            .chain([
+                "z".repeat(48),
+                format!("a{}", "-".repeat(47)),
+                format!("0{}", "_".repeat(47)),
+            ])
+            .collect();
+        names.retain(|n| is_valid_name(n));
+        assert_eq!(names.iter().filter(|n| n.len() == 1).count(), 36);
+        for n in &names {
+            assert!(sandbox_ok(n).is_ok(), "{n:?}");
+            let instance = format!("{n}.999999.999999");
+            assert!(sandbox_ok(&instance).is_ok(), "{instance:?}");
+        }
+    }
+
+    #[test]
+    fn an_invalid_cgroup_base_names_the_rule() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("workers")).unwrap();
+        let conf = d.path().join("conf/tqproxy.yaml");
+        for base in ["Tq", "a/b", "x.y", ""] {
+            let text = format!("cgroups:\n  base: \"{base}\"\n");
+            let e = Config::from_text(&conf, &text).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{}:2: cgroups.base: invalid cgroup name `{base}`: {NAME_RULE}",
+                    conf.display()
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_the_documented_ones() {
+        // The doc comments of the model name these; a change here is a change there (and in
+        // the README's configuration section).
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join("conf/tqproxy.yaml");
+        let wdir = d.path().join("workers/w");
+        std::fs::create_dir_all(&wdir).unwrap();
+        std::fs::write(wdir.join("worker.yaml"), "command: [\"/bin/true\"]\n").unwrap();
+        let c = Config::from_text(&conf, "").unwrap();
+        let root = d.path();
+        assert_eq!(c.listen, [SocketAddr::from(([127, 0, 0, 1], 8080))]);
+        assert_eq!(
+            c.listeners,
+            [Listener {
+                addr: c.listen[0],
+                kind: ListenerKind::Plain
+            }]
+        );
+        assert_eq!(c.control_socket, root.join("run/tqproxy.sock"));
+        assert_eq!(c.admin, Some(SocketAddr::from(([127, 0, 0, 1], 8090))));
+        assert_eq!(c.workers_dir, root.join("workers"));
+        assert_eq!(c.logs_dir, root.join("logs"));
+        assert_eq!(c.run_dir, root.join("run"));
+        assert_eq!(c.ports, 9000..=9999);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            c.proxy,
+            ProxySettings {
+                h2c: false,
+                threads: cores.clamp(1, 256),
+                upstream_keepalive_pool: 1024,
+                upstream_idle_timeout: Duration::from_secs(30),
+                max_retries: 3,
+                client_header_timeout: Duration::from_secs(10),
+                client_keepalive_timeout: Duration::from_secs(60),
+                client_body_timeout: Duration::from_secs(60),
+                max_connections: None,
+            }
+        );
+        assert_eq!(
+            c.log,
+            LogSettings {
+                level: "info".into(),
+                format: LogFormat::Text,
+                access_log: None,
+                access_format: AccessLogFormat::Combined,
+                worker_log_max_size: 64 << 20,
+                worker_log_keep: 5,
+                worker_log_rate: 10_000,
+            }
+        );
+        assert_eq!(
+            c.cgroups,
+            CgroupSettings {
+                mode: CgroupMode::Auto,
+                root: "/sys/fs/cgroup".into(),
+                base: "tqproxy".into(),
+                delegated: false,
+            }
+        );
+        let w = &*c.workers["w"];
+        let expected = WorkerConfig {
+            name: "w".into(),
+            file: wdir.join("worker.yaml"),
+            dir: wdir.clone(),
+            program: "/bin/true".into(),
+            program_stamp: FileStamp::of(Path::new("/bin/true")),
+            args: vec![],
+            cwd: wdir.clone(),
+            routes: vec![],
+            instances: 1,
+            env: BTreeMap::from([("PATH".to_string(), DEFAULT_PATH_ENV.to_string())]),
+            health: HealthConfig {
+                path: None,
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(500),
+                unhealthy_after: 3,
+            },
+            deploy: DeployConfig {
+                strategy: Strategy::Rolling,
+                max_surge: 1,
+                rollback_window: Duration::from_secs(60),
+            },
+            drain_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(10),
+            queue_timeout: Duration::from_secs(5),
+            start_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(60),
+            max_requests: 0,
+            recycle_memory: None,
+            restart: RestartPolicy {
+                backoff: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(30),
+                crashloop_after: 5,
+                reset_after: Duration::from_secs(10),
+            },
+            resources: Resources {
+                core: 0,
+                cpu_scheduling: crate::sandbox::CpuScheduling::Batch,
+                ..Resources::default()
+            },
+            sandbox: SandboxConfig {
+                user: UserSpec::Inherit,
+                namespaces: vec![],
+                seccomp: SeccompSetting::Off,
+                landlock: false,
+                read_write: vec![],
+                read_only: vec![],
+                read_only_root: false,
+                private_tmp: false,
+            },
+            build: None,
+            pass_socket: false,
+            transport: Transport::Tcp,
+        };
+        assert_eq!(*w, expected);
+        // With a mount namespace, a read-only root and a private /tmp (the worker lives
+        // under /tmp here: its private /tmp is off, see `private_tmp`).
+        let text = "command: [\"/bin/true\"]\nsandbox: { namespaces: [mount] }\nbuild: { command: [make] }\n";
+        let w = WorkerConfig::from_text(&wdir, text).unwrap().unwrap();
+        assert!(w.sandbox.read_only_root);
+        assert_eq!(w.sandbox.private_tmp, !wdir.starts_with("/tmp"));
+        let b = w.build.unwrap();
+        assert_eq!((b.watch, b.timeout), (vec![], Duration::from_secs(300)));
+        let text = "command: [\"/bin/true\"]\nresources: { io: { read_iops: 1 } }\n";
+        if let Ok(Some(w)) = WorkerConfig::from_text(&wdir, text) {
+            // (Only where the temp dir is on a block device.)
+            assert_eq!(w.resources.io.unwrap().device, wdir);
+        }
     }
 
     #[test]

@@ -589,4 +589,4 @@ impl pingora::services::background::BackgroundService for Supervisor {
     }
 }
 
-pub use spec::{check_worker, check_workers};
+pub use crate::config::{check_worker, check_workers};

@@ -1,6 +1,6 @@
 //! What an instance is started with: its environment, limits and sandbox (the `SpawnSpec`),
-//! its cgroup, its directories — and the checks `tqproxy check` and reload run on them before
-//! anything starts.
+//! its cgroup, its directories. The checks `tqproxy check` and reload run before anything
+//! starts are in `config::check`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,105 +71,6 @@ fn delegated_root(root: &Path) -> cgroup::Hierarchy {
             }
         }
     }
-}
-
-/// What only the sandbox can check before anything runs: seccomp profiles compile, landlock
-/// is available, mount paths make sense, and there is a cgroup hierarchy for the configured
-/// limits. Used by `tqproxy check` and by reload/deploy before they change anything.
-pub fn check_worker(config: &Config, w: &WorkerConfig) -> Result<(), String> {
-    use crate::config::CgroupMode;
-    let others: Vec<Arc<WorkerConfig>> = config
-        .workers
-        .values()
-        .filter(|o| o.name != w.name)
-        .cloned()
-        .collect();
-    let conf_dir = config
-        .file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let private = [config.run_dir.clone(), conf_dir, config.logs_dir.clone()];
-    let port = w.uses_port().then_some(*config.ports.start());
-    let spec = build_spec(w, 1, 1, port, None, &others, &private);
-    crate::sandbox::check_spec(&spec).map_err(|e| format!("sandbox: {e}"))?;
-    if w.transport == crate::config::Transport::Unix {
-        super::sockets::check_fits(&config.run_dir, &w.name)
-            .map_err(|e| format!("transport: unix: {e}"))?;
-    }
-    if w.resources.needs_cgroup() {
-        if config.cgroups.mode == CgroupMode::Off {
-            return Err(
-                "resources: memory/cpu/pids/io limits need cgroups, but cgroups.mode is off".into(),
-            );
-        }
-        match (config.cgroups.mode, cgroup::detect(&config.cgroups.root)) {
-            (_, None) => {
-                return Err(format!(
-                    "resources: limits need cgroups, and there is no usable cgroup hierarchy at {}",
-                    config.cgroups.root.display()
-                ));
-            }
-            (CgroupMode::V1, Some(cgroup::Hierarchy::V2 { .. })) => {
-                return Err("resources: cgroups.mode is v1 but the hierarchy is v2".into());
-            }
-            (CgroupMode::V2, Some(cgroup::Hierarchy::V1 { .. })) => {
-                return Err("resources: cgroups.mode is v2 but the hierarchy is v1".into());
-            }
-            (_, Some(h)) => {
-                let r = &w.resources;
-                let needed = [
-                    ("memory", r.memory.is_some() || r.memory_high.is_some()),
-                    ("cpu", r.cpu.is_some() || r.cpu_weight.is_some()),
-                    ("pids", r.pids.is_some()),
-                    (
-                        if matches!(h, cgroup::Hierarchy::V1 { .. }) {
-                            "blkio"
-                        } else {
-                            "io"
-                        },
-                        r.io.is_some(),
-                    ),
-                ];
-                let available: Vec<String> = match &h {
-                    cgroup::Hierarchy::V2 { root } => {
-                        std::fs::read_to_string(root.join("cgroup.controllers"))
-                            .unwrap_or_default()
-                            .split_whitespace()
-                            .map(str::to_string)
-                            .collect()
-                    }
-                    cgroup::Hierarchy::V1 { root } => needed
-                        .iter()
-                        .filter(|(c, _)| root.join(c).is_dir())
-                        .map(|(c, _)| c.to_string())
-                        .collect(),
-                };
-                for (controller, wanted) in needed {
-                    if wanted && !available.iter().any(|a| a == controller) {
-                        return Err(format!(
-                            "resources: the `{controller}` cgroup controller is not available in {}",
-                            config.cgroups.root.display()
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Checks every worker of a configuration (see [`check_worker`]); one message per problem.
-pub fn check_workers(config: &Config) -> Vec<String> {
-    config
-        .workers
-        .values()
-        .filter_map(|w| {
-            check_worker(config, w)
-                .err()
-                .map(|e| format!("{}: {e}", w.file.display()))
-        })
-        .collect()
 }
 
 /// Creates the worker's `read_write` directories, owned by its user, mode 0700.
