@@ -237,6 +237,10 @@ fn global_errors_name_file_line_and_key() {
             "conf/tqproxy.yaml:4: cgroups.delegated: delegation is a cgroup v2 feature",
         ),
         (
+            "listen: [\"127.0.0.1:18080\"]\ncgroups: { base: Tq.proxy }\n",
+            "conf/tqproxy.yaml:2: cgroups.base: invalid cgroup name `Tq.proxy`: use 1-48 characters a-z",
+        ),
+        (
             "listen: [\"127.0.0.1:18080\"]\nproxy: { threads: 0 }\n",
             "proxy.threads: must be between 1 and 256",
         ),
@@ -323,24 +327,118 @@ fn relative_paths_resolve_against_their_file_from_any_directory() {
 fn shipped_configurations_are_valid() {
     let root = crate::harness::repo();
     for conf in ["conf/tqproxy.yaml"] {
-        let o = Command::new(TQPROXY)
-            .args(["check", "-c"])
-            .arg(root.join(conf))
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        // The shipped worker programs are release builds; a debug-only tree may lack them.
-        if text.contains("target/release")
-            && text.contains("No such file")
-            && std::env::var_os("CI").is_none()
-        {
-            eprintln!("skipping {conf}: release binaries not built ({text})");
+        let Some((code, text)) = check_shipped(&root.join(conf)) else {
             continue;
-        }
-        assert!(o.status.success(), "{conf}: {text}");
+        };
+        assert_eq!(code, 0, "{conf}: {text}");
+        assert!(
+            text.contains(&format!(": ok ({}", shipped_workers())),
+            "{conf}: {text}"
+        );
     }
+}
+
+/// `tqproxy check -c conf`: (exit code, output); `None` (skipped, saying so) when the shipped
+/// worker programs, release builds, are missing outside CI.
+fn check_shipped(conf: &Path) -> Option<(i32, String)> {
+    let o = Command::new(TQPROXY)
+        .args(["check", "-c"])
+        .arg(conf)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if text.contains("target/release")
+        && text.contains("No such file")
+        && std::env::var_os("CI").is_none()
+    {
+        eprintln!(
+            "skipping {}: release binaries not built ({text})",
+            conf.display()
+        );
+        return None;
+    }
+    Some((o.status.code().unwrap_or(-1), text))
+}
+
+/// "N workers: a, b": the enabled workers of the repository's workers/, as `check` lists them.
+fn shipped_workers() -> String {
+    let mut names: Vec<String> = std::fs::read_dir(crate::harness::repo().join("workers"))
+        .unwrap()
+        .filter_map(|e| {
+            let dir = e.unwrap().path();
+            let yaml = std::fs::read_to_string(dir.join("worker.yaml")).ok()?;
+            let disabled = yaml
+                .lines()
+                .any(|l| l.trim_start().starts_with("enabled: false"));
+            (!disabled).then(|| dir.file_name().unwrap().to_string_lossy().into_owned())
+        })
+        .collect();
+    names.sort();
+    format!("{} workers: {}", names.len(), names.join(", "))
+}
+
+/// A self-signed certificate for `name`, written as `<dir>/<name>.pem` and `<dir>/<name>.key`.
+fn cert(dir: &Path, name: &str) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    let c = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), c.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+}
+
+#[test]
+fn the_production_configuration_is_valid() {
+    // conf/tqproxy.prod.yaml names the host's paths (/etc/tqproxy/tls, /srv/tqproxy/workers,
+    // /run/tqproxy, /var/log/tqproxy): checked here with each moved under a temporary root,
+    // the certificates it names made there (self-signed, for the names they are for), and
+    // workers_dir pointing at the repository's workers. Nothing else is changed: a key the
+    // loader refuses, a bad listener, a cgroup setting the host cannot honour, or a shipped
+    // worker that does not check under the production defaults fails this test.
+    let root = crate::harness::repo();
+    let prod = std::fs::read_to_string(root.join("conf/tqproxy.prod.yaml")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let host = d.path();
+    let mut text = prod.clone();
+    for (from, to) in [
+        ("/etc/tqproxy/", host.join("etc/tqproxy/")),
+        ("/run/tqproxy", host.join("run/tqproxy")),
+        ("/var/log/tqproxy", host.join("var/log/tqproxy")),
+        ("/srv/tqproxy/workers", root.join("workers")),
+    ] {
+        assert!(
+            text.contains(from),
+            "conf/tqproxy.prod.yaml no longer names {from}"
+        );
+        text = text.replace(from, &to.display().to_string());
+    }
+    for gone in [" /etc/", " /srv/", " /run/", " /var/"] {
+        assert!(!text.contains(gone), "a host path is left: {gone}");
+    }
+    std::fs::create_dir_all(host.join("etc/tqproxy/tls")).unwrap();
+    std::fs::create_dir_all(host.join("conf")).unwrap();
+    for name in ["example.com", "api.example.com"] {
+        cert(&host.join("etc/tqproxy/tls"), name);
+    }
+    let conf = host.join("conf/tqproxy.prod.yaml");
+    std::fs::write(&conf, &text).unwrap();
+    let Some((code, out)) = check_shipped(&conf) else {
+        return;
+    };
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("{}: ok ({})", conf.display(), shipped_workers())),
+        "{out}"
+    );
+    // The certificates were read: without them, check fails on the TLS listener.
+    std::fs::remove_file(host.join("etc/tqproxy/tls/api.example.com.key")).unwrap();
+    let (code, out) = check_shipped(&conf).unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("tqproxy.prod.yaml:14: listen[2].tls:") && out.contains("api.example.com.key"),
+        "{out}"
+    );
 }
