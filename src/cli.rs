@@ -174,7 +174,7 @@ fn client_setup(cli: &Cli) -> Result<(PathBuf, tokio::runtime::Runtime), i32> {
 fn check(path: &Path) -> i32 {
     match Config::load(path) {
         Ok(c) => {
-            let problems = crate::supervisor::check_workers(&c);
+            let problems = crate::config::check_workers(&c);
             if !problems.is_empty() {
                 for p in problems {
                     eprintln!("{p}");
