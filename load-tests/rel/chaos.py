@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 
-from common import (HELLO, Load, Row, Sampler, Stack, baseline, cli_summary, descendants, fd_kinds, fmt_delta,
+from common import (BACKEND, Load, Row, Sampler, Stack, baseline, cli_summary, descendants, fd_kinds, fmt_delta,
                     fmt_stats, inject_leak, log, metric_delta, reproduce, stats_ok, worker_yaml)
 
 GROUP = "chaos"
@@ -23,7 +23,7 @@ CONNS = 16
 
 
 def worker_text(version, n):
-    return worker_yaml(HELLO, instances=n, env={"HELLO_VERSION": f"v{version}"},
+    return worker_yaml(BACKEND, instances=n, env={"HELLO_VERSION": f"v{version}"},
                        extra="deploy: { strategy: rolling, max_surge: 1 }\ndrain_timeout: 10s\nstop_timeout: 5s\n")
 
 

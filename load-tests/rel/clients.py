@@ -57,7 +57,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from common import (HELLO, RAWECHO, Load, Row, Sampler, Stack, log, proc_stats,  # noqa: E402
+from common import (BACKEND, RAWECHO, Load, Row, Sampler, Stack, log, proc_stats,  # noqa: E402
                     worker_yaml)
 
 GROUP = "clients"
@@ -1086,7 +1086,7 @@ class Group:
             if not (ci or want(k)):
                 continue
             st = self.stack(f"clients-{k}", proxy, lambda st: {
-                "hello": worker_yaml(HELLO, instances=n_hello),
+                "hello": worker_yaml(BACKEND, instances=n_hello),
                 "rawecho": worker_yaml(RAWECHO, routes=("a.test/",), health=None, env={"RAWECHO_LOG": st.rawlog}),
             })
             n0 = len(self.rows)
@@ -1100,7 +1100,7 @@ class Group:
             proxy_b = (f"client_header_timeout: {T:g}s, client_keepalive_timeout: 300s, upstream_idle_timeout: 2s, "
                        f"max_connections: {FLOOD_MAX}")
             log(f"  flood stack: tqproxy ({proxy_b}), hello x2")
-            sb = self.stack("clients-flood", proxy_b, {"hello": worker_yaml(HELLO, instances=2)})
+            sb = self.stack("clients-flood", proxy_b, {"hello": worker_yaml(BACKEND, instances=2)})
             n0 = len(self.rows)
             try:
                 saved = self.base

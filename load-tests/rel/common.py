@@ -28,7 +28,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(REPO, "target", "release")
 TQPROXY = os.path.join(BIN, "tqproxy")
-HELLO = os.path.join(BIN, "hello")
+BACKEND = os.path.join(BIN, "backend")  # the worker every stack runs as `hello` (workers/backend)
 CHAOS = os.path.join(BIN, "chaos")
 RAWECHO = os.path.join(BIN, "rawecho")
 PROBE = os.path.join(BIN, "probe")
@@ -317,7 +317,7 @@ class Stack:
     "client_header_timeout: 2s"). top: extra top-level YAML lines. cgroups: "off" or a mode; the
     cgroup base is unique per stack (tqrel-<random>) so leftovers are attributable.
 
-        with Stack("chaos", {"hello": worker_yaml(HELLO, instances=4)}) as st:
+        with Stack("chaos", {"hello": worker_yaml(BACKEND, instances=4)}) as st:
             st.wait_ready("hello", 4)
             ...
             leaks = st.stop_and_check()   # after stop: processes, ports, cgroups left behind

@@ -432,7 +432,7 @@ def run(ctx):
     common.ensure_tools("wrk")
     reproduce = "load-tests/reliability --only misbehave" + (" --quick" if ctx.quick else "")
     workers = {
-        "hello": common.worker_yaml(common.HELLO, instances=2, routes=["/h"], extra="strip_prefix: true\n"),
+        "hello": common.worker_yaml(common.BACKEND, instances=2, routes=["/h"], extra="strip_prefix: true\n"),
         "raw": common.worker_yaml(common.RAWECHO, instances=2, routes=["/raw"], health=None,
                                   extra="strip_prefix: true\n" + TIMEOUTS),
         "bad": common.worker_yaml(["python3", BADWORKER], instances=2, routes=["/bad"], health=None,

@@ -502,7 +502,7 @@ def run(ctx):
                  f"between requests, {secs} s per phase")
     workers = {
         # NEIGHBOURS_B_EXTRA: more worker.yaml lines for B (e.g. to compare scheduling policies).
-        "b": common.worker_yaml(common.HELLO, instances=2, routes=["/b"],
+        "b": common.worker_yaml(common.BACKEND, instances=2, routes=["/b"],
                                 extra="strip_prefix: true\n" + os.environ.get("NEIGHBOURS_B_EXTRA", "")),
         "a": common.worker_yaml(common.CHAOS, instances=1, routes=["/a"], extra=A_EXTRA),
         "n": common.worker_yaml(["python3", "noisy.py"], instances=1, routes=["/n"], health=None,

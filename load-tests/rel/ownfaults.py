@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 
-from common import (HELLO, REPO, Load, Row, Stack, baseline, cgroup_dirs, descendants, fmt_stats, guarded,
+from common import (BACKEND, REPO, Load, Row, Stack, baseline, cgroup_dirs, descendants, fmt_stats, guarded,
                     inject_leak, listening_ports, log, pid_alive, port_free, reproduce, worker_yaml)
 
 GROUP = "ownfaults"
@@ -51,7 +51,7 @@ def kill9(ctx):
     r2 = Row(GROUP, "tqproxy run again after the kill -9: clients reconnect", load_desc,
              "restart of tqproxy with the same config", goal="0 failed after the restart, the predecessor's "
              "cgroups removed, nothing leaked", reproduce=rep)
-    with Stack("ownkill", {"hello": worker_yaml(HELLO, instances=4)}, cgroups=ctx.cgroups, keep=ctx.keep) as st:
+    with Stack("ownkill", {"hello": worker_yaml(BACKEND, instances=4)}, cgroups=ctx.cgroups, keep=ctx.keep) as st:
         st.start({"hello": 4})
         base = baseline(st.port, ctx.secs(10, 3, ci=2), connections=CONNS)
         r1.base_p50_ms, r1.base_p99_ms = r2.base_p50_ms, r2.base_p99_ms = base.p50_ms, base.p99_ms
@@ -208,7 +208,7 @@ def socket_deleted(ctx):
     secs = ctx.secs(10, 3, ci=2)
     row = Row(GROUP, "control socket deleted under tqproxy", f"wrk -t1 -c{CONNS} keep-alive GET /, 2-instance hello",
               "rm run/tqproxy.sock", goal="a clear CLI error, 0 failed, the socket bound again", reproduce=reproduce(ctx, GROUP))
-    with Stack("ownsock", {"hello": worker_yaml(HELLO, instances=2)}, cgroups="off", keep=ctx.keep) as st:
+    with Stack("ownsock", {"hello": worker_yaml(BACKEND, instances=2)}, cgroups="off", keep=ctx.keep) as st:
         st.start({"hello": 2})
         base = baseline(st.port, ctx.secs(5, 2, ci=2), connections=CONNS)
         row.base_p50_ms, row.base_p99_ms = base.p50_ms, base.p99_ms

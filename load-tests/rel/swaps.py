@@ -14,7 +14,7 @@ checked against /status.json's pid) for the figures, the leak checks and the fin
 import re
 import time
 
-from common import (HELLO, Load, Row, Stack, baseline, cli_summary, fmt_delta, fmt_stats, guarded,
+from common import (BACKEND, Load, Row, Stack, baseline, cli_summary, fmt_delta, fmt_stats, guarded,
                     http_get, inject_leak, log, metric_delta, pid_alive, reproduce, worker_yaml)
 
 GROUP = "swaps"
@@ -25,7 +25,7 @@ CONNS = 16
 def worker_text(version, bluegreen=False):
     deploy = ("deploy: { strategy: bluegreen, rollback_window: 10m }\n" if bluegreen
               else "deploy: { strategy: rolling, max_surge: 1 }\n")
-    return worker_yaml(HELLO, instances=4, env={"HELLO_VERSION": f"v{version}"},
+    return worker_yaml(BACKEND, instances=4, env={"HELLO_VERSION": f"v{version}"},
                        extra=deploy + "drain_timeout: 10s\nstop_timeout: 5s\n")
 
 
