@@ -40,6 +40,8 @@ pub struct Instance {
     /// second (both SeqCst), so one of the two always sees the other: a request never lands on
     /// an instance the supervisor has decided is drained.
     pub routed: AtomicBool,
+    /// Woken when `in_flight` reaches 0 while the instance is unrouted (a drain's end).
+    idle: Notify,
 }
 
 impl Instance {
@@ -55,6 +57,7 @@ impl Instance {
             in_flight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             routed: AtomicBool::new(false),
+            idle: Notify::new(),
         }
     }
 
@@ -64,16 +67,38 @@ impl Instance {
         if self.routed.load(Ordering::SeqCst) {
             true
         } else {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.put_back();
             false
         }
     }
 
     /// Release a slot taken by [`Self::try_acquire`]; `completed` counts it as a served request.
     pub fn release(&self, completed: bool) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         if completed {
             self.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        self.put_back();
+    }
+
+    fn put_back(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && !self.routed.load(Ordering::SeqCst)
+        {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Resolves once the instance has no request in flight. Meant for an unrouted instance
+    /// (the supervisor clears `routed` first): a notification, not a poll.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the count is read: a release in between still wakes us.
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
         }
     }
 

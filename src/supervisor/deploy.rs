@@ -2,29 +2,43 @@
 //!
 //! Each is a plain sequence of awaits on supervisor primitives (start an instance, switch
 //! routing in one store, drain and stop an instance), holding the worker's operation lock so
-//! two changes to one worker never interleave. The owner keeps serving events meanwhile.
+//! two changes to one worker never interleave. What to start, route and retire is decided by
+//! the pure plans of [`lifecycle`](super::lifecycle) ([`RollingPlan`], [`plan_scale`],
+//! [`plan_bluegreen`], [`plan_rollback`]); this file only carries them out and waits.
 //!
-//! Invariants kept here:
-//! - capacity never drops: new instances are routed in the same store that unroutes the old;
-//! - nothing is signalled while routed: `stop` unroutes, drains, then signals;
+//! Invariants kept (and tested in `lifecycle`):
+//! - capacity never drops: new instances are routed in the same store that retires the old;
+//! - nothing is signalled while routed: retiring unroutes, drains, then signals;
 //! - a new generation that does not become ready is stopped and the old one keeps serving.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use std::future::Future;
 use std::pin::Pin;
 
+use tokio::sync::watch;
+
 type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+use super::error::SupervisorError;
+use super::lifecycle::{
+    OnBatchFailure, RollbackPlan, RollingPlan, ScalePlan, plan_bluegreen, plan_rollback, plan_scale,
+};
 use super::status::{Outcome, OutcomeLine};
 use super::{
-    Cause, Commit, Request, Role, StandbyInfo, State, SupervisorHandle, WorkerView, wait_exited,
-    wait_ready,
+    Cause, Commit, InstanceState, OnReady, Phase, Request, StandbyInfo, SupervisorHandle,
+    WorkerView, wait_exited, wait_ready,
 };
 use crate::config::{Config, Strategy, WorkerConfig};
 use crate::metrics::METRICS;
+
+type Result<T> = std::result::Result<T, SupervisorError>;
+
+fn outcome(worker: &str, r: Result<String>) -> Outcome {
+    Outcome::from_result(worker, r)
+}
 
 /// Entry point for requests from the control socket and signals.
 pub async fn run_request(h: &SupervisorHandle, req: Request) -> Outcome {
@@ -35,35 +49,53 @@ pub async fn run_request(h: &SupervisorHandle, req: Request) -> Outcome {
             busy(h, &worker, Some("scale")).await;
             let r = scale(h, &worker, instances, Cause::Scale).await;
             busy(h, &worker, None).await;
-            Outcome::single(&worker, r)
+            outcome(&worker, r)
         }
         Request::Restart { worker } => {
             let _g = h.lock(&worker).await;
             let r = match h.view(&worker).await {
-                None => Err(format!("no worker named `{worker}`")),
+                None => Err(no_worker(&worker)),
                 Some(v) => {
                     busy(h, &worker, Some("restart")).await;
-                    let r =
-                        rolling(h, &worker, v.config.clone(), v.generation, Cause::Deploy).await;
+                    // Every instance replaced, as many as run now (a `scale` is kept).
+                    let r = rolling(
+                        h,
+                        &worker,
+                        v.config.clone(),
+                        v.generation,
+                        v.desired,
+                        Cause::Deploy,
+                    )
+                    .await;
                     busy(h, &worker, None).await;
                     r
                 }
             };
-            Outcome::single(&worker, r)
+            outcome(&worker, r)
         }
         Request::Deploy { worker, strategy } => {
             let _g = h.lock(&worker).await;
             let r = deploy_from_disk(h, &worker, strategy).await;
-            Outcome::single(&worker, r)
+            outcome(&worker, r)
         }
         Request::Rollback { worker } => {
             let _g = h.lock(&worker).await;
             busy(h, &worker, Some("rollback")).await;
             let r = rollback(h, &worker).await;
             busy(h, &worker, None).await;
-            Outcome::single(&worker, r)
+            outcome(&worker, r)
         }
     }
+}
+
+fn no_worker(worker: &str) -> SupervisorError {
+    SupervisorError::NoSuchWorker {
+        worker: worker.into(),
+    }
+}
+
+async fn view(h: &SupervisorHandle, worker: &str) -> Result<WorkerView> {
+    h.view(worker).await.ok_or_else(|| no_worker(worker))
 }
 
 async fn busy(h: &SupervisorHandle, worker: &str, what: Option<&str>) {
@@ -75,14 +107,6 @@ async fn busy(h: &SupervisorHandle, worker: &str, what: Option<&str>) {
         },
     )
     .await;
-}
-
-fn serving(v: &WorkerView) -> Vec<u64> {
-    v.instances
-        .iter()
-        .filter(|i| i.role == Role::Serving)
-        .map(|i| i.id)
-        .collect()
 }
 
 fn ms(since: Instant) -> u128 {
@@ -98,20 +122,13 @@ async fn start_batch(
     generation: u64,
     n: u32,
     restarts: u32,
-) -> Result<Vec<u64>, String> {
+) -> Result<Vec<u64>> {
     let mut started = Vec::new();
     let mut waits = Vec::new();
     let mut failure = None;
     for _ in 0..n {
         match h
-            .start(
-                worker,
-                config.clone(),
-                generation,
-                Role::Candidate,
-                false,
-                restarts,
-            )
+            .start(worker, config.clone(), generation, OnReady::Hold, restarts)
             .await
         {
             Ok((id, rx)) => {
@@ -126,8 +143,13 @@ async fn start_batch(
     }
     if failure.is_none() {
         for (id, rx) in waits.iter_mut() {
-            if let Err(e) = wait_ready(rx).await {
-                failure = Some(format!("instance {id}: {e}"));
+            if let Err(reason) = wait_ready(rx).await {
+                failure = Some(SupervisorError::NotReady {
+                    worker: worker.into(),
+                    instance: *id,
+                    generation,
+                    reason,
+                });
                 break;
             }
         }
@@ -141,7 +163,7 @@ async fn start_batch(
     }
 }
 
-/// Stops instances (in parallel) and waits until they have exited.
+/// Stops instances and waits until they have exited.
 async fn stop_all(h: &SupervisorHandle, worker: &str, ids: &[u64], drain: bool) {
     let mut rxs = Vec::new();
     for id in ids {
@@ -149,6 +171,10 @@ async fn stop_all(h: &SupervisorHandle, worker: &str, ids: &[u64], drain: bool) 
             rxs.push(rx);
         }
     }
+    wait_all(rxs).await;
+}
+
+async fn wait_all(rxs: Vec<watch::Receiver<Phase>>) {
     for mut rx in rxs {
         wait_exited(&mut rx).await;
     }
@@ -156,24 +182,14 @@ async fn stop_all(h: &SupervisorHandle, worker: &str, ids: &[u64], drain: bool) 
 
 /// Starts the instances of a worker that was just added (at boot or by a reload). Serving
 /// from the start: an instance that fails is restarted with backoff, like any crash.
-pub async fn boot(h: &SupervisorHandle, worker: &str) -> Result<String, String> {
-    let v = h
-        .view(worker)
-        .await
-        .ok_or_else(|| format!("no worker named `{worker}`"))?;
+pub async fn boot(h: &SupervisorHandle, worker: &str) -> Result<String> {
+    let v = view(h, worker).await?;
     let t = Instant::now();
     let mut waits = Vec::new();
     for _ in 0..v.desired {
         waits.push(
-            h.start(
-                worker,
-                v.config.clone(),
-                v.generation,
-                Role::Serving,
-                true,
-                0,
-            )
-            .await?,
+            h.start(worker, v.config.clone(), v.generation, OnReady::Route, 0)
+                .await?,
         );
     }
     let mut errors = Vec::new();
@@ -185,159 +201,138 @@ pub async fn boot(h: &SupervisorHandle, worker: &str) -> Result<String, String> 
     if errors.is_empty() {
         Ok(format!("started {} instances in {} ms", v.desired, ms(t)))
     } else {
-        Err(format!(
-            "not ready: {} (restarting with backoff)",
-            errors.join("; ")
-        ))
+        Err(SupervisorError::NotReady {
+            worker: worker.into(),
+            instance: waits.first().map_or(0, |w| w.0),
+            generation: v.generation,
+            reason: format!("{} (restarting with backoff)", errors.join("; ")),
+        })
     }
 }
 
 /// Scales a worker to `n` serving instances.
-pub async fn scale(
-    h: &SupervisorHandle,
-    worker: &str,
-    n: u32,
-    cause: Cause,
-) -> Result<String, String> {
-    let v = h
-        .view(worker)
-        .await
-        .ok_or_else(|| format!("no worker named `{worker}`"))?;
-    let current = serving(&v);
+pub async fn scale(h: &SupervisorHandle, worker: &str, n: u32, cause: Cause) -> Result<String> {
+    let v = view(h, worker).await?;
+    let current = v.serving().len();
     let t = Instant::now();
-    if n as usize > current.len() {
-        let add = n - current.len() as u32;
-        let ids = start_batch(h, worker, &v.config, v.generation, add, 0).await?;
-        let roles = ids.iter().map(|i| (*i, Role::Serving)).collect();
-        h.switch(worker, ids.clone(), Vec::new(), roles).await;
-        h.commit(
-            worker,
-            Commit {
-                desired: Some(n),
-                count_restarts: vec![(cause, add as u64)],
-                ..Default::default()
-            },
-        )
-        .await;
-        Ok(format!(
-            "scaled up from {} to {n} instances in {} ms",
-            current.len(),
-            ms(t)
-        ))
-    } else if (n as usize) < current.len() {
-        // Stop the ones that are not serving traffic first, then the newest.
-        let mut order: Vec<(bool, u64)> = v
-            .instances
-            .iter()
-            .filter(|i| i.role == Role::Serving)
-            .map(|i| (i.state == State::Ready, i.id))
-            .collect();
-        order.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-        let victims: Vec<u64> = order
-            .iter()
-            .take(current.len() - n as usize)
-            .map(|(_, id)| *id)
-            .collect();
-        h.commit(
-            worker,
-            Commit {
-                desired: Some(n),
-                ..Default::default()
-            },
-        )
-        .await;
-        stop_all(h, worker, &victims, true).await;
-        h.commit(
-            worker,
-            Commit {
-                count_restarts: vec![(cause, victims.len() as u64)],
-                ..Default::default()
-            },
-        )
-        .await;
-        Ok(format!(
-            "scaled down from {} to {n} instances in {} ms",
-            current.len(),
-            ms(t)
-        ))
-    } else {
-        h.commit(
-            worker,
-            Commit {
-                desired: Some(n),
-                ..Default::default()
-            },
-        )
-        .await;
-        Ok(format!("already at {n} instances"))
+    match plan_scale(&v, n) {
+        ScalePlan::Up { add } => {
+            let ids = start_batch(h, worker, &v.config, v.generation, add, 0).await?;
+            h.switch(worker, ids, Vec::new(), Vec::new()).await;
+            h.commit(
+                worker,
+                Commit {
+                    desired: Some(n),
+                    count_restarts: vec![(cause, add as u64)],
+                    ..Default::default()
+                },
+            )
+            .await;
+            Ok(format!(
+                "scaled up from {current} to {n} instances in {} ms",
+                ms(t)
+            ))
+        }
+        ScalePlan::Down { stop } => {
+            h.commit(
+                worker,
+                Commit {
+                    desired: Some(n),
+                    ..Default::default()
+                },
+            )
+            .await;
+            stop_all(h, worker, &stop, true).await;
+            h.commit(
+                worker,
+                Commit {
+                    count_restarts: vec![(cause, stop.len() as u64)],
+                    ..Default::default()
+                },
+            )
+            .await;
+            Ok(format!(
+                "scaled down from {current} to {n} instances in {} ms",
+                ms(t)
+            ))
+        }
+        ScalePlan::Same => {
+            h.commit(
+                worker,
+                Commit {
+                    desired: Some(n),
+                    ..Default::default()
+                },
+            )
+            .await;
+            Ok(format!("already at {n} instances"))
+        }
     }
 }
 
-/// Rolling deploy of `config` as `generation`: per batch of `max_surge`, start new instances,
-/// wait until ready, route them and unroute as many old ones in one store, drain and stop the
-/// old ones in the background. Fails safe: a batch that does not become ready is stopped and,
-/// if earlier batches were already switched, the previous configuration is rolled back.
+/// Rolling deploy of `config` as `generation` to `target` instances: per batch of `max_surge`, start new instances,
+/// wait until ready, route them and retire as many old ones in one store; the old ones drain
+/// and stop meanwhile. Fails safe: a batch that does not become ready is stopped and, if
+/// earlier batches were already switched, the previous configuration is rolled back.
 pub fn rolling(
     h: &SupervisorHandle,
     worker: &str,
     config: Arc<WorkerConfig>,
     generation: u64,
+    target: u32,
     cause: Cause,
-) -> Boxed<Result<String, String>> {
+) -> Boxed<Result<String>> {
     let h = h.clone();
     let worker = worker.to_string();
     Box::pin(async move {
-        let v = h
-            .view(&worker)
-            .await
-            .ok_or_else(|| format!("no worker named `{worker}`"))?;
+        let v = view(&h, &worker).await?;
         let t = Instant::now();
-        let old = serving(&v);
-        let target = config.instances;
-        let surge = config.deploy.max_surge.max(1);
-        let mut new_ids: Vec<u64> = Vec::new();
+        let old = v.serving();
+        let mut plan = RollingPlan::new(old.clone(), target, config.deploy.max_surge);
         let mut drains = Vec::new();
-        let mut next_old = 0usize;
-        while (new_ids.len() as u32) < target {
-            let batch = surge.min(target - new_ids.len() as u32);
+        let mut new_ids: Vec<u64> = Vec::new();
+        while let Some(batch) = plan.next_batch() {
             let ids = match start_batch(&h, &worker, &config, generation, batch, 0).await {
                 Ok(ids) => ids,
                 Err(e) => {
-                    for d in drains {
-                        let _ = d.await;
-                    }
-                    if new_ids.is_empty() {
-                        return Err(format!(
-                            "new generation {generation} failed to start, generation {} keeps serving: {e}",
-                            v.generation
-                        ));
-                    }
-                    // Half switched: roll the new instances back to the previous configuration.
-                    tracing::warn!(worker = %worker, error = %e, "rolling deploy failed midway: rolling back");
-                    let back = rolling(
-                        &h,
-                        &worker,
-                        v.config.clone(),
-                        v.next_generation.max(generation) + 1,
-                        Cause::Deploy,
-                    )
-                    .await;
-                    return Err(match back {
-                        Ok(_) => format!(
-                            "generation {generation} failed to start ({e}); rolled back to the previous configuration"
-                        ),
-                        Err(b) => format!(
-                            "generation {generation} failed to start ({e}); rolling back also failed: {b}"
-                        ),
+                    wait_all(drains).await;
+                    return Err(match plan.on_failure() {
+                        OnBatchFailure::KeepOld => SupervisorError::DeployFailed {
+                            worker: worker.clone(),
+                            generation,
+                            cause: Box::new(e),
+                            outcome: format!("generation {} keeps serving", v.generation),
+                        },
+                        OnBatchFailure::RollBack => {
+                            // Half switched: roll the new instances back to the previous
+                            // configuration.
+                            tracing::warn!(worker = %worker, error = %e, "rolling deploy failed midway: rolling back");
+                            let back = rolling(
+                                &h,
+                                &worker,
+                                v.config.clone(),
+                                v.next_generation.max(generation) + 1,
+                                v.desired,
+                                Cause::Deploy,
+                            )
+                            .await;
+                            SupervisorError::DeployFailed {
+                                worker: worker.clone(),
+                                generation,
+                                cause: Box::new(e),
+                                outcome: match back {
+                                    Ok(_) => "rolled back to the previous configuration".into(),
+                                    Err(b) => format!("rolling back also failed: {b}"),
+                                },
+                            }
+                        }
                     });
                 }
             };
-            let victims: Vec<u64> = old.iter().skip(next_old).take(ids.len()).copied().collect();
-            next_old += victims.len();
-            let mut roles: Vec<(u64, Role)> = ids.iter().map(|i| (*i, Role::Serving)).collect();
-            roles.extend(victims.iter().map(|i| (*i, Role::Retiring)));
-            h.switch(&worker, ids.clone(), victims.clone(), roles).await;
-            if new_ids.is_empty() {
+            let first = plan.first_switch();
+            let sw = plan.switch(&ids);
+            drains.extend(h.switch(&worker, sw.route, sw.retire, Vec::new()).await);
+            if first {
                 h.commit(
                     &worker,
                     Commit {
@@ -353,21 +348,14 @@ pub fn rolling(
                 )
                 .await;
             }
-            new_ids.extend(&ids);
-            for victim in victims {
-                let h = h.clone();
-                let w = worker.clone();
-                drains.push(tokio::spawn(async move {
-                    stop_all(&h, &w, &[victim], true).await
-                }));
-            }
+            new_ids.extend(ids);
         }
         // More old instances than the target (the deploy also scaled down).
-        let rest: Vec<u64> = old.iter().skip(next_old).copied().collect();
-        stop_all(&h, &worker, &rest, true).await;
-        for d in drains {
-            let _ = d.await;
-        }
+        drains.extend(
+            h.switch(&worker, Vec::new(), plan.leftover(), Vec::new())
+                .await,
+        );
+        wait_all(drains).await;
         h.commit(
             &worker,
             Commit {
@@ -391,18 +379,15 @@ pub async fn bluegreen(
     worker: &str,
     config: Arc<WorkerConfig>,
     generation: u64,
-) -> Result<String, String> {
-    let v = h
-        .view(worker)
-        .await
-        .ok_or_else(|| format!("no worker named `{worker}`"))?;
+) -> Result<String> {
+    let v = view(h, worker).await?;
     let t = Instant::now();
     // Only one standby generation is kept.
     if let Some(sb) = &v.standby {
         let ids: Vec<u64> = v
             .instances
             .iter()
-            .filter(|i| i.role == Role::Standby && sb.ids.contains(&i.id))
+            .filter(|i| i.state == InstanceState::Standby && sb.ids.contains(&i.id))
             .map(|i| i.id)
             .collect();
         h.commit(
@@ -415,34 +400,28 @@ pub async fn bluegreen(
         .await;
         stop_all(h, worker, &ids, true).await;
     }
-    let old = serving(&v);
+    let old = v.serving();
     let new_ids = start_batch(h, worker, &config, generation, config.instances, 0)
         .await
-        .map_err(|e| {
-            format!(
-                "new generation {generation} failed to start, generation {} keeps serving: {e}",
-                v.generation
-            )
+        .map_err(|e| SupervisorError::DeployFailed {
+            worker: worker.into(),
+            generation,
+            cause: Box::new(e),
+            outcome: format!("generation {} keeps serving", v.generation),
         })?;
     let window = config.deploy.rollback_window;
-    let old_role = if window.is_zero() {
-        Role::Retiring
-    } else {
-        Role::Standby
-    };
-    let mut roles: Vec<(u64, Role)> = new_ids.iter().map(|i| (*i, Role::Serving)).collect();
-    roles.extend(old.iter().map(|i| (*i, old_role)));
-    h.switch(worker, new_ids.clone(), old.clone(), roles).await;
+    let (route, retire, standby) = plan_bluegreen(&old, &new_ids, window);
+    let drains = h.switch(worker, route, retire, standby.clone()).await;
     h.commit(
         worker,
         Commit {
             config: Some((config.clone(), generation)),
             desired: Some(config.instances),
             previous: Some(Some((v.config.clone(), v.generation))),
-            standby: Some((!window.is_zero() && !old.is_empty()).then(|| StandbyInfo {
+            standby: Some((!standby.is_empty()).then(|| StandbyInfo {
                 generation: v.generation,
                 config: v.config.clone(),
-                ids: old.clone(),
+                ids: standby,
                 until: Instant::now() + window,
             })),
             count_restarts: vec![(Cause::Deploy, old.len() as u64)],
@@ -450,9 +429,7 @@ pub async fn bluegreen(
         },
     )
     .await;
-    if window.is_zero() {
-        stop_all(h, worker, &old, true).await;
-    }
+    wait_all(drains).await;
     Ok(format!(
         "switched to generation {generation} ({} instances) in {} ms; generation {} kept for rollback for {}",
         new_ids.len(),
@@ -464,68 +441,69 @@ pub async fn bluegreen(
 
 /// Inside the blue/green window: route the standby generation again, in one store, starting
 /// no process. Otherwise: deploy the previous configuration as a new generation.
-pub async fn rollback(h: &SupervisorHandle, worker: &str) -> Result<String, String> {
-    let v = h
-        .view(worker)
-        .await
-        .ok_or_else(|| format!("no worker named `{worker}`"))?;
+pub async fn rollback(h: &SupervisorHandle, worker: &str) -> Result<String> {
+    let v = view(h, worker).await?;
     let t = Instant::now();
-    if let Some(sb) = &v.standby {
-        let ready: Vec<u64> = v
-            .instances
-            .iter()
-            .filter(|i| {
-                i.role == Role::Standby && i.state == State::Ready && sb.ids.contains(&i.id)
-            })
-            .map(|i| i.id)
-            .collect();
-        if !ready.is_empty() {
-            let current = serving(&v);
-            let mut roles: Vec<(u64, Role)> = ready.iter().map(|i| (*i, Role::Serving)).collect();
-            roles.extend(current.iter().map(|i| (*i, Role::Retiring)));
-            h.switch(worker, ready.clone(), current.clone(), roles)
-                .await;
+    match plan_rollback(&v) {
+        RollbackPlan::SwitchBack {
+            generation,
+            config,
+            route,
+            retire,
+            missing,
+        } => {
+            // The current generation drains in the background (the owner carries it out).
+            let _drains = h.switch(worker, route, retire, Vec::new()).await;
             h.commit(
                 worker,
                 Commit {
-                    config: Some((sb.config.clone(), sb.generation)),
+                    config: Some((config, generation)),
                     previous: Some(Some((v.config.clone(), v.generation))),
                     standby: Some(None),
                     ..Default::default()
                 },
             )
             .await;
-            let switched = ms(t);
-            let h2 = h.clone();
-            let w = worker.to_string();
-            tokio::spawn(async move { stop_all(&h2, &w, &current, true).await });
             let mut msg = format!(
-                "switched back to generation {} in {switched} ms (no process started); draining generation {}",
-                sb.generation, v.generation
+                "switched back to generation {generation} in {} ms (no process started); draining generation {}",
+                ms(t),
+                v.generation
             );
-            if (ready.len() as u32) < v.desired {
+            if missing > 0 {
                 scale(h, worker, v.desired, Cause::Crash).await?;
                 msg.push_str(&format!(
-                    "; started {} instances to replace standby instances that had exited",
-                    v.desired - ready.len() as u32
+                    "; started {missing} instances to replace standby instances that had exited"
                 ));
             }
-            return Ok(msg);
+            Ok(msg)
         }
+        RollbackPlan::Redeploy {
+            config,
+            was,
+            generation,
+        } => {
+            let r = match config.deploy.strategy {
+                Strategy::Rolling => {
+                    rolling(
+                        h,
+                        worker,
+                        config.clone(),
+                        generation,
+                        config.instances,
+                        Cause::Deploy,
+                    )
+                    .await
+                }
+                Strategy::Bluegreen => bluegreen(h, worker, config.clone(), generation).await,
+            }?;
+            Ok(format!(
+                "deployed the configuration of generation {was} again as generation {generation}: {r}"
+            ))
+        }
+        RollbackPlan::Nothing => Err(SupervisorError::NothingToRollBack {
+            worker: worker.into(),
+        }),
     }
-    let Some((config, generation)) = v.previous.clone() else {
-        return Err(format!(
-            "nothing to roll back to: worker `{worker}` has not been deployed since tqproxy started"
-        ));
-    };
-    let new_gen = v.next_generation;
-    let r = match config.deploy.strategy {
-        Strategy::Rolling => rolling(h, worker, config.clone(), new_gen, Cause::Deploy).await,
-        Strategy::Bluegreen => bluegreen(h, worker, config.clone(), new_gen).await,
-    }?;
-    Ok(format!(
-        "deployed the configuration of generation {generation} again as generation {new_gen}: {r}"
-    ))
 }
 
 /// Deploys one worker's configuration as read from disk now.
@@ -533,28 +511,27 @@ async fn deploy_from_disk(
     h: &SupervisorHandle,
     worker: &str,
     strategy: Option<Strategy>,
-) -> Result<String, String> {
-    let current = h.config().await.ok_or("tqproxy is shutting down")?;
+) -> Result<String> {
+    let current = h.config().await.ok_or(SupervisorError::ShuttingDown)?;
     let file = current.file.clone();
     let loaded = tokio::task::spawn_blocking(move || Config::load(&file))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("configuration invalid, nothing changed:\n{e}"))?;
+        .map_err(|e| SupervisorError::Internal(e.to_string()))?
+        .map_err(|e| SupervisorError::InvalidConfig(e.to_string()))?;
     let Some(cfg) = loaded.workers.get(worker).cloned() else {
-        return Err(format!(
-            "no worker named `{worker}` in {}",
-            loaded.workers_dir.display()
-        ));
+        return Err(SupervisorError::NotInConfig {
+            worker: worker.into(),
+            dir: loaded.workers_dir.display().to_string(),
+        });
     };
-    super::check_worker(&loaded, &cfg).map_err(|e| {
-        format!(
-            "configuration invalid, nothing changed:\n{}: {e}",
-            cfg.file.display()
-        )
-    })?;
-    let v = h.view(worker).await.ok_or_else(|| {
-        format!("worker `{worker}` is not running; use `tqproxy reload` to add it")
-    })?;
+    super::check_worker(&loaded, &cfg)
+        .map_err(|e| SupervisorError::InvalidConfig(format!("{}: {e}", cfg.file.display())))?;
+    let v = h
+        .view(worker)
+        .await
+        .ok_or_else(|| SupervisorError::NotRunning {
+            worker: worker.into(),
+        })?;
     busy(h, worker, Some("deploy")).await;
     let r = deploy_config(h, worker, cfg, v.next_generation, strategy).await;
     busy(h, worker, None).await;
@@ -567,9 +544,12 @@ async fn deploy_config(
     cfg: Arc<WorkerConfig>,
     generation: u64,
     strategy: Option<Strategy>,
-) -> Result<String, String> {
+) -> Result<String> {
     match strategy.unwrap_or(cfg.deploy.strategy) {
-        Strategy::Rolling => rolling(h, worker, cfg, generation, Cause::Deploy).await,
+        Strategy::Rolling => {
+            let n = cfg.instances;
+            rolling(h, worker, cfg, generation, n, Cause::Deploy).await
+        }
         Strategy::Bluegreen => bluegreen(h, worker, cfg, generation).await,
     }
 }
@@ -581,41 +561,29 @@ fn same_but_instances(a: &WorkerConfig, b: &WorkerConfig) -> bool {
     *a == b2
 }
 
+/// A reload that changed nothing because the configuration is invalid.
+fn refused(why: String) -> Outcome {
+    METRICS.reloads.with_label_values(&["failed"]).inc();
+    outcome("-", Err(SupervisorError::InvalidConfig(why)))
+}
+
 /// Reload: validate everything first (any error: nothing changes), then per worker: start
 /// added ones, stop removed ones, deploy changed ones, leave the rest alone. Reloads are
 /// serialized: a second one waits for the first.
 pub async fn reload(h: &SupervisorHandle) -> Outcome {
     let _g = h.reload_lock.clone().lock_owned().await;
     let Some(current) = h.config().await else {
-        return Outcome::single("-", Err(super::GONE.into()));
+        return outcome("-", Err(SupervisorError::ShuttingDown));
     };
     let file = current.file.clone();
     let loaded = match tokio::task::spawn_blocking(move || Config::load(&file)).await {
         Ok(Ok(c)) => Arc::new(c),
-        Ok(Err(e)) => {
-            METRICS.reloads.with_label_values(&["failed"]).inc();
-            return Outcome {
-                ok: false,
-                lines: vec![OutcomeLine {
-                    worker: "-".into(),
-                    ok: false,
-                    message: format!("configuration invalid, nothing changed:\n{e}"),
-                    kind: None,
-                }],
-            };
-        }
-        Err(e) => return Outcome::single("-", Err(e.to_string())),
+        Ok(Err(e)) => return refused(e.to_string()),
+        Err(e) => return outcome("-", Err(SupervisorError::Internal(e.to_string()))),
     };
     let problems = super::check_workers(&loaded);
     if !problems.is_empty() {
-        METRICS.reloads.with_label_values(&["failed"]).inc();
-        return Outcome::single(
-            "-",
-            Err(format!(
-                "configuration invalid, nothing changed:\n{}",
-                problems.join("\n")
-            )),
-        );
+        return refused(problems.join("\n"));
     }
     let mut lines = Vec::new();
     // Certificates first: a broken one fails the whole reload before anything changed.
@@ -627,13 +595,7 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
                 message,
                 kind: None,
             })),
-            Err(e) => {
-                METRICS.reloads.with_label_values(&["failed"]).inc();
-                return Outcome::single(
-                    "-",
-                    Err(format!("configuration invalid, nothing changed:\n{e}")),
-                );
-            }
+            Err(e) => return refused(e),
         }
     }
     if loaded.listen != current.listen {
@@ -708,11 +670,11 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
                 kind: None,
             }),
             Ok((_, Ok(None))) => {}
-            Ok((name, Err(message))) => lines.push(OutcomeLine {
+            Ok((name, Err(e))) => lines.push(OutcomeLine {
                 worker: name,
                 ok: false,
-                message,
-                kind: None,
+                message: e.to_string(),
+                kind: Some(e.kind()),
             }),
             Err(e) => lines.push(OutcomeLine {
                 worker: "-".into(),
@@ -735,7 +697,7 @@ async fn reload_worker(
     name: &str,
     old: Option<Arc<WorkerConfig>>,
     new: Option<Arc<WorkerConfig>>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>> {
     match (old, new) {
         (None, Some(cfg)) => {
             h.add_worker(cfg).await?;
@@ -743,11 +705,8 @@ async fn reload_worker(
         }
         (Some(_), None) => {
             let t = Instant::now();
+            // Returns once every instance has exited (the worker goes with the last).
             h.remove_worker(name).await;
-            let deadline = Instant::now() + Duration::from_secs(600);
-            while h.view(name).await.is_some() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
             Ok(Some(format!(
                 "removed (drained and stopped in {} ms)",
                 ms(t)
@@ -792,7 +751,7 @@ pub async fn recycle(h: &SupervisorHandle, worker: &str, id: u64, cause: Cause) 
     let Some(inst) = v.instances.iter().find(|i| i.id == id) else {
         return;
     };
-    if inst.role != Role::Serving || inst.state != State::Ready || inst.generation != v.generation {
+    if !inst.state.is_routed() || inst.generation != v.generation {
         return;
     }
     tracing::info!(worker, instance = id, cause = cause.as_str(), "recycling");
@@ -803,9 +762,7 @@ pub async fn recycle(h: &SupervisorHandle, worker: &str, id: u64, cause: Cause) 
             return;
         }
     };
-    let mut roles: Vec<(u64, Role)> = ids.iter().map(|i| (*i, Role::Serving)).collect();
-    roles.push((id, Role::Retiring));
-    h.switch(worker, ids, vec![id], roles).await;
+    let drains = h.switch(worker, ids, vec![id], Vec::new()).await;
     h.commit(
         worker,
         Commit {
@@ -814,5 +771,5 @@ pub async fn recycle(h: &SupervisorHandle, worker: &str, id: u64, cause: Cause) 
         },
     )
     .await;
-    stop_all(h, worker, &[id], true).await;
+    wait_all(drains).await;
 }

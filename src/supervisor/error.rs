@@ -14,6 +14,12 @@ pub use crate::status::ErrorKind;
 pub enum SupervisorError {
     #[error("no worker named `{worker}`")]
     NoSuchWorker { worker: String },
+    /// `deploy` of a worker the configuration on disk does not have.
+    #[error("no worker named `{worker}` in {dir}")]
+    NotInConfig { worker: String, dir: String },
+    /// `deploy` of a worker on disk that this process does not run yet.
+    #[error("worker `{worker}` is not running; use `tqproxy reload` to add it")]
+    NotRunning { worker: String },
     #[error("worker `{worker}` already exists")]
     WorkerExists { worker: String },
     #[error("worker `{worker}` is being removed")]
@@ -43,7 +49,7 @@ pub enum SupervisorError {
         reason: String,
     },
     /// A deploy of `generation` did not complete; `outcome` says what serves now.
-    #[error("worker `{worker}`: generation {generation} failed ({cause}); {outcome}")]
+    #[error("worker `{worker}`: generation {generation} failed to start ({cause}); {outcome}")]
     DeployFailed {
         worker: String,
         generation: u64,
@@ -68,7 +74,9 @@ pub enum SupervisorError {
 impl SupervisorError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            SupervisorError::NoSuchWorker { .. } => ErrorKind::NoSuchWorker,
+            SupervisorError::NoSuchWorker { .. }
+            | SupervisorError::NotInConfig { .. }
+            | SupervisorError::NotRunning { .. } => ErrorKind::NoSuchWorker,
             SupervisorError::WorkerExists { .. } | SupervisorError::WorkerRemoving { .. } => {
                 ErrorKind::WorkerExists
             }

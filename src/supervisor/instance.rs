@@ -20,13 +20,7 @@ use crate::sandbox::cgroup::InstanceCgroup;
 use crate::sandbox::{HELPER_FAILED, SpawnIo, SpawnSpec, Spawner};
 
 /// What the supervisor tells a running instance.
-#[derive(Debug)]
-pub enum Ctl {
-    /// SIGTERM now, SIGKILL of the whole tree after `timeout`.
-    Stop { timeout: Duration },
-    /// SIGKILL of the whole tree now.
-    Kill,
-}
+pub use super::lifecycle::Signal as Ctl;
 
 /// Facts an instance reports (wrapped in [`Msg::Instance`]).
 #[derive(Debug)]
@@ -179,9 +173,9 @@ impl Monitor {
         let mut phase = Phase::Starting {
             since: Instant::now(),
         };
-        // Readiness is polled quickly (a new version should serve within milliseconds of
-        // being able to); liveness at the configured interval.
-        let mut poll = Duration::from_millis(20);
+        // Readiness is polled quickly, from 1 ms and doubling (a new version should serve
+        // within milliseconds of being able to); liveness at the configured interval.
+        let mut poll = Duration::from_millis(1);
         let mut next_check = tokio::time::Instant::now() + poll;
         let mut kill_deadline: Option<tokio::time::Instant> = None;
         let start_deadline = tokio::time::Instant::now() + self.config.start_timeout;
@@ -237,7 +231,7 @@ impl Monitor {
                                     phase = Phase::Live { failures: 0, reported: true };
                                     next_check = far_future();
                                 } else {
-                                    poll = (poll * 3 / 2).min(Duration::from_millis(250)).min(health.interval.max(Duration::from_millis(20)));
+                                    poll = (poll * 2).min(Duration::from_millis(250)).min(health.interval.max(Duration::from_millis(1)));
                                     next_check = tokio::time::Instant::now() + poll;
                                 }
                             }

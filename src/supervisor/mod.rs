@@ -28,6 +28,7 @@ pub mod devwatch;
 pub mod error;
 pub mod health;
 pub mod instance;
+pub mod lifecycle;
 pub mod logs;
 mod owner;
 pub mod ports;
@@ -39,7 +40,7 @@ pub use crate::status;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, mpsc, oneshot, watch};
 
@@ -47,6 +48,7 @@ use crate::config::{Config, Strategy, WorkerConfig};
 use crate::routes::RouteHandle;
 pub use error::{ErrorKind, SupervisorError};
 use instance::Fact;
+pub use lifecycle::{Commit, InstanceState, InstanceView, OnReady, StandbyInfo, Timer, WorkerView};
 use owner::Owner;
 use status::{Outcome, StatusReport};
 
@@ -100,62 +102,6 @@ pub enum Phase {
     },
 }
 
-/// The state shown in `status` (`starting|ready|draining|stopping|exited|crashloop`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Starting,
-    Ready,
-    Draining,
-    Stopping,
-    Exited,
-    Crashloop,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Starting => "starting",
-            State::Ready => "ready",
-            State::Draining => "draining",
-            State::Stopping => "stopping",
-            State::Exited => "exited",
-            State::Crashloop => "crashloop",
-        }
-    }
-
-    /// Whether a process is (or may still be) running.
-    fn has_process(self) -> bool {
-        matches!(
-            self,
-            State::Starting | State::Ready | State::Draining | State::Stopping
-        )
-    }
-}
-
-/// What an instance is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Part of the worker's capacity; restarted when it crashes.
-    Serving,
-    /// Started by a deploy that has not committed it yet; never restarted.
-    Candidate,
-    /// Blue/green: the previous generation, alive but unrouted, for `rollback`.
-    Standby,
-    /// Being drained and stopped; removed when it exits.
-    Retiring,
-}
-
-impl Role {
-    fn as_str(self) -> &'static str {
-        match self {
-            Role::Serving => "serving",
-            Role::Candidate => "candidate",
-            Role::Standby => "standby",
-            Role::Retiring => "retiring",
-        }
-    }
-}
-
 /// Everything the supervisor can be asked from the outside (control socket, signals).
 #[derive(Debug, Clone)]
 pub enum Request {
@@ -192,17 +138,18 @@ pub enum Msg {
         worker: String,
         config: Arc<WorkerConfig>,
         generation: u64,
-        role: Role,
-        publish: bool,
+        on_ready: OnReady,
         restarts: u32,
-        reply: oneshot::Sender<Result<(u64, watch::Receiver<Phase>), String>>,
+        reply: oneshot::Sender<Result<(u64, watch::Receiver<Phase>), SupervisorError>>,
     },
+    /// Route `route`, retire `retire`, keep `standby` unrouted, in one route-table store; the
+    /// reply watches the retired instances.
     Switch {
         worker: String,
         route: Vec<u64>,
-        unroute: Vec<u64>,
-        roles: Vec<(u64, Role)>,
-        reply: oneshot::Sender<()>,
+        retire: Vec<u64>,
+        standby: Vec<u64>,
+        reply: oneshot::Sender<Vec<watch::Receiver<Phase>>>,
     },
     Stop {
         worker: String,
@@ -216,23 +163,21 @@ pub enum Msg {
         commit: Commit,
         reply: oneshot::Sender<()>,
     },
-    AddWorker(Arc<WorkerConfig>, oneshot::Sender<Result<(), String>>),
-    RemoveWorker(String, oneshot::Sender<()>),
+    AddWorker(
+        Arc<WorkerConfig>,
+        oneshot::Sender<Result<(), SupervisorError>>,
+    ),
+    /// The reply watches every instance of the worker until it has exited.
+    RemoveWorker(String, oneshot::Sender<Vec<watch::Receiver<Phase>>>),
     SetConfig(Arc<Config>),
     Config(oneshot::Sender<Arc<Config>>),
-    RestartDue {
+    /// A timer of the owner's fired.
+    Timer(Timer),
+    /// A drain watch ended (in-flight reached 0, or the drain timeout).
+    Drained {
         worker: String,
         id: u64,
         epoch: u64,
-    },
-    DrainDone {
-        worker: String,
-        id: u64,
-        epoch: u64,
-    },
-    StandbyExpired {
-        worker: String,
-        generation: u64,
     },
     RecycleDone {
         worker: String,
@@ -241,48 +186,6 @@ pub enum Msg {
     Tick,
     Shutdown(oneshot::Sender<()>),
     AllDrained,
-}
-
-/// A change to a worker's bookkeeping made when an orchestration commits.
-#[derive(Debug, Default)]
-pub struct Commit {
-    pub config: Option<(Arc<WorkerConfig>, u64)>,
-    pub desired: Option<u32>,
-    /// `Some(None)` clears the previous revision.
-    pub previous: Option<Option<(Arc<WorkerConfig>, u64)>>,
-    pub standby: Option<Option<StandbyInfo>>,
-    pub count_restarts: Vec<(Cause, u64)>,
-    pub busy: Option<Option<String>>,
-}
-
-#[derive(Debug, Clone)]
-pub struct StandbyInfo {
-    pub generation: u64,
-    pub config: Arc<WorkerConfig>,
-    pub ids: Vec<u64>,
-    pub until: Instant,
-}
-
-/// A snapshot of one worker for orchestrations.
-#[derive(Debug, Clone)]
-pub struct WorkerView {
-    pub config: Arc<WorkerConfig>,
-    pub generation: u64,
-    pub next_generation: u64,
-    pub desired: u32,
-    pub previous: Option<(Arc<WorkerConfig>, u64)>,
-    pub standby: Option<StandbyInfo>,
-    pub instances: Vec<InstanceView>,
-}
-
-#[derive(Debug, Clone)]
-pub struct InstanceView {
-    pub id: u64,
-    pub restarts: u32,
-    pub generation: u64,
-    pub state: State,
-    pub role: Role,
-    pub routed: bool,
 }
 
 /// Cheap, cloneable access to the supervisor.
@@ -294,7 +197,6 @@ pub struct SupervisorHandle {
     reload_lock: Arc<AsyncMutex<()>>,
 }
 
-const GONE: &str = "tqproxy is shutting down";
 
 /// Reloads the TLS certificates of every listener from a new configuration (all or nothing);
 /// returns one line per listener.
@@ -321,7 +223,7 @@ impl SupervisorHandle {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::Request(r, tx));
         rx.await
-            .unwrap_or_else(|_| Outcome::single("-", Err(GONE.into())))
+            .unwrap_or_else(|_| Outcome::from_result("-", Err(SupervisorError::ShuttingDown)))
     }
 
     /// The per-worker operation lock: one deploy/scale/restart at a time per worker.
@@ -341,45 +243,45 @@ impl SupervisorHandle {
         m.try_lock_owned().ok()
     }
 
+    /// Starts an instance of `config` as `generation`; the receiver follows its phase.
     pub async fn start(
         &self,
         worker: &str,
         config: Arc<WorkerConfig>,
         generation: u64,
-        role: Role,
-        publish: bool,
+        on_ready: OnReady,
         restarts: u32,
-    ) -> Result<(u64, watch::Receiver<Phase>), String> {
+    ) -> Result<(u64, watch::Receiver<Phase>), SupervisorError> {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::Start {
             worker: worker.to_string(),
             config,
             generation,
-            role,
-            publish,
+            on_ready,
             restarts,
             reply: tx,
         });
-        rx.await.map_err(|_| GONE.to_string())?
+        rx.await.map_err(|_| SupervisorError::ShuttingDown)?
     }
 
-    /// Routes `route`, unroutes `unroute` and sets roles, in one route-table store.
+    /// Routes `route`, retires (drains and stops) `retire` and keeps `standby` unrouted, in
+    /// one route-table store; returns watches of the retired instances.
     pub async fn switch(
         &self,
         worker: &str,
         route: Vec<u64>,
-        unroute: Vec<u64>,
-        roles: Vec<(u64, Role)>,
-    ) {
+        retire: Vec<u64>,
+        standby: Vec<u64>,
+    ) -> Vec<watch::Receiver<Phase>> {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::Switch {
             worker: worker.to_string(),
             route,
-            unroute,
-            roles,
+            retire,
+            standby,
             reply: tx,
         });
-        let _ = rx.await;
+        rx.await.unwrap_or_default()
     }
 
     /// Drains (optionally) and stops an instance; the receiver reports its exit.
@@ -410,16 +312,19 @@ impl SupervisorHandle {
         let _ = rx.await;
     }
 
-    pub async fn add_worker(&self, config: Arc<WorkerConfig>) -> Result<(), String> {
+    pub async fn add_worker(&self, config: Arc<WorkerConfig>) -> Result<(), SupervisorError> {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::AddWorker(config, tx));
-        rx.await.map_err(|_| GONE.to_string())?
+        rx.await.map_err(|_| SupervisorError::ShuttingDown)?
     }
 
+    /// Removes a worker: drains and stops every instance; returns once all have exited.
     pub async fn remove_worker(&self, name: &str) {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::RemoveWorker(name.to_string(), tx));
-        let _ = rx.await;
+        for mut w in rx.await.unwrap_or_default() {
+            wait_exited(&mut w).await;
+        }
     }
 
     pub async fn config(&self) -> Option<Arc<Config>> {
@@ -453,7 +358,7 @@ pub async fn wait_ready(rx: &mut watch::Receiver<Phase>) -> Result<(), String> {
     match r.as_deref() {
         Ok(Phase::Ready) => Ok(()),
         Ok(Phase::Exited { reason }) | Ok(Phase::Failed { reason }) => Err(reason.clone()),
-        _ => Err(GONE.into()),
+        _ => Err(SupervisorError::ShuttingDown.to_string()),
     }
 }
 
@@ -489,7 +394,8 @@ impl Supervisor {
             locks: Default::default(),
             reload_lock: Default::default(),
         };
-        let owner = Owner::new(config.clone(), routes, handle.clone())?;
+        let env = owner::Env::production(&config).map_err(|e| e.to_string())?;
+        let owner = Owner::new(config.clone(), routes, handle.clone(), env);
         Ok(Supervisor {
             handle,
             init: std::sync::Mutex::new(Some((config, owner, rx))),
