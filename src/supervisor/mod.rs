@@ -1,27 +1,21 @@
 //! The supervisor: the single owner of all instance state.
 //!
-//! One task (the *owner*, `Owner::run`) holds every worker and instance record, the port
-//! pool, the unix sockets of `transport: unix` instances ([`sockets`]) and the cgroup driver,
-//! and is the only writer of the route table. Everything else
-//! talks to it through [`SupervisorHandle`] messages:
+//! It reads as three layers:
 //!
-//! - instance monitors ([`instance`]) report facts: spawned, ready, unhealthy, exited;
-//! - orchestrations ([`deploy`]: scale, rolling and blue/green deploys, reload, recycle) are
-//!   async tasks that ask the owner for primitive steps — start an instance, switch routing,
-//!   drain and stop an instance — and await each step's [`Phase`];
-//! - the control service asks for status and starts orchestrations.
+//! - **the rules** ([`lifecycle`]): every worker and instance record, what each event and
+//!   command does to them, and the effects that follow; pure (no I/O, no tokio, no
+//!   globals), so every rule has a unit test that runs in microseconds. Whether an instance
+//!   may be signalled now is [`InstanceState::can_signal`].
+//! - **the driver** (`owner.rs`): one task that performs the effects (spawn through the
+//!   sandbox, signal, publish the route table, timers, drain watches) and turns what happens
+//!   back into events. It is the only writer of the route table.
+//! - **orchestrations** ([`deploy`]: scale, rolling and blue/green deploys, rollback, reload,
+//!   recycle): async tasks that carry out the pure plans of [`lifecycle`] through
+//!   [`SupervisorHandle`] primitives, one at a time per worker.
 //!
-//! Lifecycle of an instance (see DESIGN.md "A swap"):
-//!
-//! ```text
-//! Starting ──ready──> Ready ──drain──> Draining ──in-flight=0 or drain_timeout──> Stopping ──exit──> Exited
-//!    │                  │                                                       (SIGTERM, then SIGKILL
-//!    └─fail/timeout─────┴─crash/liveness fail──────────────────────────────────>  after stop_timeout)
-//! ```
-//!
-//! A crashed *serving* instance is restarted in place (same id, new process and port) after a
-//! capped exponential backoff; after `crashloop_after` consecutive failures it shows as
-//! `crashloop` while it keeps backing off.
+//! Plumbing around them: instance monitors ([`instance`]) report facts (spawned, ready,
+//! unhealthy, exited); [`health`] probes; [`ports`], [`sockets`], [`logs`], `spec` (the
+//! sandbox spec of an instance), `stats`.
 
 pub mod deploy;
 pub mod devwatch;
