@@ -191,7 +191,6 @@ pub struct SupervisorHandle {
     reload_lock: Arc<AsyncMutex<()>>,
 }
 
-
 /// Reloads the TLS certificates of every listener from a new configuration (all or nothing);
 /// returns one line per listener.
 pub type TlsReloader = Arc<dyn Fn(&Config) -> Result<Vec<String>, String> + Send + Sync>;

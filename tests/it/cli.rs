@@ -54,7 +54,6 @@ fn fake_tqproxy(socket: &Path, reply: Vec<u8>) -> std::thread::JoinHandle<String
 }
 
 #[test]
-#[ignore = "needs typed supervisor errors (lifecycle branch)"]
 fn scale_of_an_unknown_worker_exits_4() {
     let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 1, "")]);
     env.start();

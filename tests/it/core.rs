@@ -250,9 +250,10 @@ fn scale_up_and_down() {
     for i in env.status().workers[0].instances.iter() {
         assert!(inst.iter().any(|j| j.id == i.id));
     }
-    // Bad requests are refused with a reason and exit 1.
+    // Bad requests are refused with a reason, and an exit code that says which (4: no such
+    // worker).
     let o = env.cli(&["scale", "nope", "2"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&o.stdout).contains("no worker named `nope`"));
     let o = env.cli(&["scale", "w", "-1"]);
     assert_eq!(o.status.code(), Some(2), "usage error");

@@ -217,7 +217,7 @@ fn certificates_reload_and_a_broken_one_changes_nothing() {
     )
     .unwrap();
     let o = env.cli(&["reload"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(7), "invalid configuration");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("nothing changed") && out.contains("a.pem"),
@@ -237,7 +237,7 @@ fn certificates_reload_and_a_broken_one_changes_nothing() {
     let a_key = std::fs::read(dir.join("a.key")).unwrap();
     std::fs::write(dir.join("a.key"), &b_key).unwrap();
     let o = env.cli(&["reload"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(7), "invalid configuration");
     assert!(String::from_utf8_lossy(&o.stdout).contains("does not belong to"));
     std::fs::write(dir.join("a.key"), &a_key).unwrap();
     // A new certificate is picked up by reload, on a live listener, without a restart.

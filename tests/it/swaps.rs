@@ -211,7 +211,7 @@ fn rollback_after_the_window_deploys_the_previous_config() {
     let mut fresh = Env::new(&[versioned("f", 1, "x", "")]);
     fresh.start();
     let o = fresh.cli(&["rollback", "f"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(8), "nothing to roll back to");
     assert!(String::from_utf8_lossy(&o.stdout).contains("nothing to roll back to"));
 }
 
@@ -244,7 +244,7 @@ fn a_broken_config_changes_nothing() {
     )
     .unwrap();
     let o = env.cli(&["reload"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(7), "invalid configuration");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("configuration invalid, nothing changed")
