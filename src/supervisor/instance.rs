@@ -22,27 +22,8 @@ use crate::sandbox::{HELPER_FAILED, SpawnIo, SpawnSpec, Spawner};
 /// What the supervisor tells a running instance.
 pub use super::lifecycle::Signal as Ctl;
 
-/// Facts an instance reports (wrapped in [`Msg::Instance`]).
-#[derive(Debug)]
-pub enum Fact {
-    Spawned {
-        pid: u32,
-    },
-    Ready {
-        after: Duration,
-    },
-    StartFailed {
-        reason: String,
-    },
-    Unhealthy {
-        reason: String,
-    },
-    Exited {
-        status: String,
-        crashed: bool,
-        oom_kills: u64,
-    },
-}
+/// Facts an instance reports (wrapped in [`Msg::Instance`]) are the rules' events.
+pub use super::lifecycle::Event as Fact;
 
 /// Everything needed to start one instance.
 pub struct Launch {
@@ -255,7 +236,6 @@ impl Monitor {
                 },
             }
         };
-        let was_stopping = matches!(phase, Phase::Stopping);
         let was_starting = matches!(phase, Phase::Starting { .. });
         // The main process is gone; whatever it left behind goes too.
         self.kill_tree();
@@ -296,7 +276,6 @@ impl Monitor {
             Ok(st) => describe(st, &self.tail),
             Err(e) => format!("wait failed: {e}"),
         };
-        let crashed = !was_stopping;
         if was_starting {
             self.report.send(Fact::StartFailed {
                 reason: format!("{description} before becoming ready{}", self.last_output()),
@@ -305,8 +284,7 @@ impl Monitor {
         self.log.event(self.id, &format!("exited: {description}"));
         self.report.send(Fact::Exited {
             status: description,
-            crashed,
-            oom_kills,
+            oom: oom_kills > 0,
         });
     }
 

@@ -135,16 +135,6 @@ impl InstanceState {
         }
     }
 
-    /// Every value of [`Self::as_str`] (the label values of the instances gauge).
-    pub const STATE_NAMES: [&'static str; 6] = [
-        "starting",
-        "ready",
-        "draining",
-        "stopping",
-        "exited",
-        "crashloop",
-    ];
-
     /// The role shown in `status`: `serving|candidate|standby|retiring`.
     pub fn role_str(self) -> &'static str {
         match self {
@@ -702,14 +692,7 @@ impl Records {
                 if r.state != InstanceState::Draining {
                     return fx;
                 }
-                r.state = InstanceState::Stopping;
-                fx.push(Effect::Phase {
-                    worker: wk(),
-                    id,
-                    phase: Phase::Stopping,
-                });
-                let timeout = r.config.stop_timeout;
-                fx.push(signal(worker, r, Signal::Stop { timeout }));
+                terminate(worker, r, &mut fx);
             }
             Event::RestartDue => {
                 if shutting_down || !matches!(r.state, InstanceState::Exited { .. }) {
@@ -865,14 +848,7 @@ impl Records {
                 });
             }
             _ => {
-                r.state = InstanceState::Stopping;
-                fx.push(Effect::Phase {
-                    worker: wk(),
-                    id,
-                    phase: Phase::Stopping,
-                });
-                let timeout = r.config.stop_timeout;
-                fx.push(signal(worker, r, Signal::Stop { timeout }));
+                terminate(worker, r, &mut fx);
             }
         }
         fx
@@ -1050,6 +1026,18 @@ fn no_worker(worker: &str) -> SupervisorError {
     SupervisorError::NoSuchWorker {
         worker: worker.into(),
     }
+}
+
+/// Stopping: SIGTERM now, SIGKILL after `stop_timeout`; the record goes when it exits.
+fn terminate(worker: &str, r: &mut Record, fx: &mut Vec<Effect>) {
+    r.state = InstanceState::Stopping;
+    fx.push(Effect::Phase {
+        worker: worker.into(),
+        id: r.id,
+        phase: Phase::Stopping,
+    });
+    let timeout = r.config.stop_timeout;
+    fx.push(signal(worker, r, Signal::Stop { timeout }));
 }
 
 /// The one place a [`Effect::Signal`] is made: the guard is checked here.

@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 
 use super::error::SupervisorError;
 use super::health::Target;
-use super::instance::{self, Fact, Launch};
+use super::instance::{self, Launch};
 use super::lifecycle::{self, Effect, Event, InstanceState, Level, OnReady, Records, Timer};
 use super::logs::{Tail, WorkerLog};
 use super::ports::PortPool;
@@ -87,7 +87,7 @@ impl MetricsSink for GlobalMetrics {
         }
     }
     fn worker_gone(&self, worker: &str) {
-        for st in InstanceState::STATE_NAMES {
+        for st in crate::metrics::INSTANCE_STATES {
             let _ = METRICS.instances.remove_label_values(&[worker, st]);
         }
     }
@@ -300,19 +300,7 @@ impl Owner {
                 epoch,
                 fact,
             } => {
-                let event = match fact {
-                    Fact::Spawned { pid } => Event::Spawned { pid },
-                    Fact::Ready { after } => Event::Ready { after },
-                    Fact::StartFailed { reason } => Event::StartFailed { reason },
-                    Fact::Unhealthy { reason } => Event::Unhealthy { reason },
-                    Fact::Exited {
-                        status, oom_kills, ..
-                    } => Event::Exited {
-                        status,
-                        oom: oom_kills > 0,
-                    },
-                };
-                let fx = self.records.apply(&worker, id, epoch, event, now());
+                let fx = self.records.apply(&worker, id, epoch, fact, now());
                 self.perform(fx);
             }
             Msg::Start {
@@ -882,8 +870,10 @@ impl Owner {
             let Some(wrt) = self.rt.get_mut(name) else {
                 continue;
             };
-            let mut counts: BTreeMap<&'static str, i64> =
-                InstanceState::STATE_NAMES.iter().map(|s| (*s, 0)).collect();
+            let mut counts: BTreeMap<&'static str, i64> = crate::metrics::INSTANCE_STATES
+                .iter()
+                .map(|s| (*s, 0))
+                .collect();
             for r in w.instances.values() {
                 *counts.entry(r.state.as_str()).or_default() += 1;
                 if let (Some(pid), Some(run)) = (r.pid, wrt.instances.get_mut(&r.id)) {

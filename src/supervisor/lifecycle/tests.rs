@@ -143,6 +143,13 @@ fn guards_say_what_each_state_allows() {
         assert_eq!(s.can_drain(), drain, "{s:?} can_drain");
     }
     assert_eq!(S::Routed.as_str(), "ready");
+    // Every state has its label value in the instances gauge.
+    for (s, ..) in table {
+        assert!(
+            crate::metrics::INSTANCE_STATES.contains(&s.as_str()),
+            "{s:?}"
+        );
+    }
     assert_eq!(S::Standby.role_str(), "standby");
     assert_eq!(S::Exited { crashloop: true }.as_str(), "crashloop");
     assert_eq!(S::Exited { crashloop: false }.role_str(), "serving");

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicU32;
 
 use super::*;
+use crate::supervisor::instance::Fact;
 use crate::supervisor::{Request, SupervisorHandle, wait_exited};
 
 /// How a fake instance behaves, from its worker's `env: { FAKE: ... }`: `ready:<ms>` (ready
@@ -78,8 +79,7 @@ impl Launcher for Arc<Fake> {
 fn exit(status: &str) -> Fact {
     Fact::Exited {
         status: status.into(),
-        crashed: false,
-        oom_kills: 0,
+        oom: false,
     }
 }
 
