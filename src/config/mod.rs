@@ -33,7 +33,7 @@ mod raw;
 mod units;
 mod worker;
 
-pub use check::{check_worker, check_workers};
+pub use check::{check_worker, check_workers, sandbox_spec, unix_socket_paths_fit};
 pub use load::*;
 use locate::*;
 use raw::*;

@@ -42,23 +42,6 @@ pub fn path(dir: &Path, worker: &str, id: u64, epoch: u64) -> Result<PathBuf, St
     Ok(p)
 }
 
-/// For `tqproxy check` and reload: whether the socket paths of `worker` fit under `run_dir`,
-/// with room for a 7-digit pid and 6-digit instance ids and epochs.
-pub fn check_fits(run_dir: &Path, worker: &str) -> Result<(), String> {
-    let worst = process_dir(run_dir, 9_999_999);
-    path(&worst, worker, 999_999, 999_999).map(|_| ()).map_err(|_| {
-        let len = worst
-            .join(format!("{worker}.999999.999999.sock"))
-            .as_os_str()
-            .len();
-        format!(
-            "socket paths under {} can reach {len} bytes, more than the {SUN_PATH_MAX} a unix socket address holds: use a shorter run_dir (at most {} bytes for this worker)",
-            base_dir(run_dir).display(),
-            run_dir.as_os_str().len().saturating_sub(len - SUN_PATH_MAX)
-        )
-    })
-}
-
 /// Creates `dir` (and its parent `sockets` directory) with mode 0700, fixing the mode of
 /// existing ones.
 fn ensure_dir(dir: &Path) -> Result<(), String> {
@@ -208,21 +191,31 @@ mod tests {
                 && e.contains("use a shorter run_dir"),
             "{e}"
         );
-        let e = check_fits(&long, "hello").unwrap_err();
+        // `tqproxy check` (config::unix_socket_paths_fit) counts the same layout: the limit it
+        // names is where binding starts to fail.
+        let e = fits(&long, "hello").unwrap_err();
         assert!(e.contains("use a shorter run_dir (at most"), "{e}");
-        // The limit check_fits names is the real one.
         let max: usize = e
             .rsplit("at most ")
             .next()
             .and_then(|t| t.split(' ').next())
             .and_then(|n| n.parse().ok())
             .unwrap();
-        let fits = PathBuf::from(format!("/{}", "r".repeat(max - 1)));
-        assert_eq!(fits.as_os_str().len(), max);
-        check_fits(&fits, "hello").unwrap();
+        let ok = PathBuf::from(format!("/{}", "r".repeat(max - 1)));
+        assert_eq!(ok.as_os_str().len(), max);
+        fits(&ok, "hello").unwrap();
         let too_long = PathBuf::from(format!("/{}", "r".repeat(max)));
-        assert!(check_fits(&too_long, "hello").is_err());
-        check_fits(Path::new("/run/tqproxy"), &"w".repeat(48)).unwrap();
+        assert!(fits(&too_long, "hello").is_err());
+        fits(Path::new("/run/tqproxy"), &"w".repeat(48)).unwrap();
+    }
+
+    /// The check `tqproxy check` makes, asserted against the path this module really binds
+    /// (with the largest pid, instance id and epoch the check allows for).
+    fn fits(run_dir: &Path, worker: &str) -> Result<(), String> {
+        let checked = crate::config::unix_socket_paths_fit(run_dir, worker);
+        let bound = path(&process_dir(run_dir, 9_999_999), worker, 999_999, 999_999);
+        assert_eq!(checked.is_ok(), bound.is_ok(), "{}", run_dir.display());
+        checked
     }
 
     #[test]

@@ -5,11 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{Config, Namespace, SeccompSetting, WorkerConfig};
+use crate::config::{Config, WorkerConfig};
 use crate::sandbox::cgroup::{self, CgroupDriver, CgroupLimits, InstanceCgroup, IoLimit};
-use crate::sandbox::{
-    Credentials, LandlockSpec, MountSpec, NamespaceSpec, RlimitSpec, SeccompSpec, SpawnSpec,
-};
+use crate::sandbox::{Credentials, RlimitSpec, SpawnSpec};
 
 pub(super) fn setup_cgroups(config: &Config) -> Option<Arc<CgroupDriver>> {
     use crate::config::CgroupMode;
@@ -128,8 +126,8 @@ pub(super) fn build_spec(
     others: &[Arc<WorkerConfig>],
     private_dirs: &[PathBuf],
 ) -> SpawnSpec {
-    let mut env: Vec<(String, String)> =
-        c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let base = crate::config::sandbox_spec(c, id);
+    let mut env = base.env.clone();
     if let Some(port) = port {
         env.push(("PORT".into(), port.to_string()));
         env.push(("WORKER_PORT".into(), port.to_string()));
@@ -138,16 +136,14 @@ pub(super) fn build_spec(
     env.push(("WORKER_INSTANCE".into(), id.to_string()));
     env.push(("WORKER_GENERATION".into(), generation.to_string()));
     let sb = &c.sandbox;
-    let mount = sb.has(Namespace::Mount) || sb.has(Namespace::Pid);
-    let mut mounts = MountSpec::default();
-    if mount {
+    let mut mounts = base.mounts.clone();
+    if base.namespaces.mount {
         // What this worker needs to see: its own directory, program, cwd and paths.
         let own: Vec<&Path> = [c.dir.as_path(), c.program.as_path(), c.cwd.as_path()]
             .into_iter()
             .chain(sb.read_write.iter().map(PathBuf::as_path))
             .chain(sb.read_only.iter().map(PathBuf::as_path))
             .collect();
-        let mut hide: Vec<PathBuf> = Vec::new();
         let candidates = others
             .iter()
             .flat_map(|o| {
@@ -156,24 +152,15 @@ pub(super) fn build_spec(
             .chain(private_dirs.iter().cloned());
         for h in candidates {
             // Never hide something this worker needs (or a parent of it).
-            if own.iter().any(|p| within(p, &h)) || hide.contains(&h) {
+            if own.iter().any(|p| within(p, &h)) || mounts.hide.contains(&h) {
                 continue;
             }
-            hide.push(h);
+            mounts.hide.push(h);
         }
-        mounts = MountSpec {
-            read_only_root: sb.read_only_root,
-            private_tmp: sb.private_tmp,
-            read_write: sb.read_write.clone(),
-            read_only: sb.read_only.clone(),
-            hide,
-        };
     }
     SpawnSpec {
-        program: c.program.clone(),
-        args: c.args.clone(),
         env,
-        cwd: c.cwd.clone(),
+        mounts,
         cgroup_procs: cgroup.map(|cg| cg.procs_files()).unwrap_or_default(),
         rlimits: RlimitSpec {
             open_files: c.resources.open_files,
@@ -182,32 +169,7 @@ pub(super) fn build_spec(
             file_size: c.resources.file_size,
         },
         cpu_scheduling: c.resources.cpu_scheduling,
-        namespaces: NamespaceSpec {
-            mount,
-            pid: sb.has(Namespace::Pid),
-            ipc: sb.has(Namespace::Ipc),
-            uts: sb.has(Namespace::Uts),
-            net: sb.has(Namespace::Net),
-            user: sb.has(Namespace::User),
-        },
-        hostname: sb.has(Namespace::Uts).then(|| format!("{}-{id}", c.name)),
-        mounts,
         credentials: sb.user.ids().map(|(uid, gid)| Credentials { uid, gid }),
-        landlock: sb.landlock.then(|| LandlockSpec {
-            read_write: sb.read_write.clone(),
-            read_only: sb
-                .read_only
-                .iter()
-                .cloned()
-                .chain([c.dir.clone(), c.cwd.clone()])
-                .chain(c.program.parent().map(Path::to_path_buf))
-                .collect(),
-        }),
-        seccomp: match &sb.seccomp {
-            SeccompSetting::Off => SeccompSpec::Off,
-            SeccompSetting::Default => SeccompSpec::Default,
-            SeccompSetting::Profile(p) => SeccompSpec::Profile(p.clone()),
-        },
-        listen_fd: c.passes_socket(),
+        ..base
     }
 }
