@@ -497,19 +497,7 @@ mod tests {
             .filter_map(|l| l.split_whitespace().next()?.parse().ok())
             .collect();
         assert_eq!(listed, (0..=8).collect::<Vec<_>>(), "{help}");
-        for kind in [
-            ErrorKind::NoSuchWorker,
-            ErrorKind::WorkerExists,
-            ErrorKind::Busy,
-            ErrorKind::ShuttingDown,
-            ErrorKind::StartFailed,
-            ErrorKind::NotReady,
-            ErrorKind::DeployFailed,
-            ErrorKind::NothingToRollBack,
-            ErrorKind::InvalidConfig,
-            ErrorKind::BadRequest,
-            ErrorKind::Internal,
-        ] {
+        for kind in ErrorKind::ALL {
             assert!(listed.contains(&kind.exit_code()), "{kind:?}");
         }
     }

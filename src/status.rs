@@ -102,6 +102,21 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind.
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::NoSuchWorker,
+        ErrorKind::WorkerExists,
+        ErrorKind::Busy,
+        ErrorKind::ShuttingDown,
+        ErrorKind::StartFailed,
+        ErrorKind::NotReady,
+        ErrorKind::DeployFailed,
+        ErrorKind::NothingToRollBack,
+        ErrorKind::InvalidConfig,
+        ErrorKind::BadRequest,
+        ErrorKind::Internal,
+    ];
+
     /// The CLI's exit code for a verb that failed with this kind (documented in the README's
     /// CLI section). 1 stays "the operation failed"; 2 is clap's usage error; 3 is "cannot
     /// reach tqproxy".

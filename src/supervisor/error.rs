@@ -128,19 +128,7 @@ mod tests {
 
     #[test]
     fn kinds_round_trip_as_snake_case() {
-        for k in [
-            ErrorKind::NoSuchWorker,
-            ErrorKind::WorkerExists,
-            ErrorKind::Busy,
-            ErrorKind::ShuttingDown,
-            ErrorKind::StartFailed,
-            ErrorKind::NotReady,
-            ErrorKind::DeployFailed,
-            ErrorKind::NothingToRollBack,
-            ErrorKind::InvalidConfig,
-            ErrorKind::BadRequest,
-            ErrorKind::Internal,
-        ] {
+        for k in ErrorKind::ALL {
             let s = serde_json::to_string(&k).unwrap();
             assert_eq!(s, format!("\"{}\"", k.as_str()));
             assert_eq!(serde_json::from_str::<ErrorKind>(&s).unwrap(), k);

@@ -478,7 +478,7 @@ impl Records {
         event: Event,
         now: Instant,
     ) -> Vec<Effect> {
-        let fx = self.apply_inner(worker, id, epoch, event, now);
+        let fx = self.transition(worker, id, epoch, event, now);
         self.tally(&fx);
         fx
     }
@@ -494,7 +494,8 @@ impl Records {
         }
     }
 
-    fn apply_inner(
+    /// [`Self::apply`] before the restarts are tallied.
+    fn transition(
         &mut self,
         worker: &str,
         id: u64,
