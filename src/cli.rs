@@ -25,7 +25,8 @@ Exit codes:
   5  the worker is busy with another change (or already exists); try again
   6  tqproxy is shutting down
   7  the configuration on disk is invalid; nothing changed
-  8  nothing to roll back to";
+  8  nothing to roll back to
+  9  no canary deploy running (promote, abort)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -91,7 +92,15 @@ pub enum Command {
         worker: String,
         #[arg(long, value_parser = parse_strategy)]
         strategy: Option<Strategy>,
+        /// A canary deploy this once (`--strategy canary`), with the worker's `deploy.canary`
+        /// steps and limits.
+        #[arg(long, conflicts_with = "strategy")]
+        canary: bool,
     },
+    /// Skip the remaining steps of a worker's canary deploy: the new generation takes 100 %.
+    Promote { worker: String },
+    /// Roll a worker's canary deploy back now: the old generation keeps serving.
+    Abort { worker: String },
     /// Switch back to the previous generation of a worker.
     Rollback { worker: String },
     /// Re-read every configuration file and apply the differences.
@@ -108,7 +117,10 @@ fn parse_strategy(s: &str) -> Result<Strategy, String> {
     match s {
         "rolling" => Ok(Strategy::Rolling),
         "bluegreen" => Ok(Strategy::Bluegreen),
-        _ => Err(format!("`{s}` is not a strategy (rolling or bluegreen)")),
+        "canary" => Ok(Strategy::Canary),
+        _ => Err(format!(
+            "`{s}` is not a strategy (rolling, bluegreen or canary)"
+        )),
     }
 }
 
@@ -343,12 +355,32 @@ async fn client(cmd: &Command, socket: &Path) -> i32 {
             },
             long,
         ),
-        Command::Deploy { worker, strategy } => (
+        Command::Deploy {
+            worker,
+            strategy,
+            canary,
+        } => (
             ControlRequest::Deploy {
                 worker: worker.clone(),
-                strategy: *strategy,
+                strategy: if *canary {
+                    Some(Strategy::Canary)
+                } else {
+                    *strategy
+                },
             },
             long,
+        ),
+        Command::Promote { worker } => (
+            ControlRequest::Promote {
+                worker: worker.clone(),
+            },
+            Duration::from_secs(10),
+        ),
+        Command::Abort { worker } => (
+            ControlRequest::Abort {
+                worker: worker.clone(),
+            },
+            Duration::from_secs(10),
         ),
         Command::Rollback { worker } => (
             ControlRequest::Rollback {
@@ -496,7 +528,7 @@ mod tests {
             .skip(1)
             .filter_map(|l| l.split_whitespace().next()?.parse().ok())
             .collect();
-        assert_eq!(listed, (0..=8).collect::<Vec<_>>(), "{help}");
+        assert_eq!(listed, (0..=9).collect::<Vec<_>>(), "{help}");
         for kind in ErrorKind::ALL {
             assert!(listed.contains(&kind.exit_code()), "{kind:?}");
         }

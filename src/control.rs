@@ -51,6 +51,14 @@ pub enum ControlRequest {
     Rollback {
         worker: String,
     },
+    /// A canary in progress: the new generation takes 100 % now.
+    Promote {
+        worker: String,
+    },
+    /// A canary in progress: roll it back now.
+    Abort {
+        worker: String,
+    },
     Reload {},
     Stop {},
     /// Start `binary` as the successor of this process (`tqproxy upgrade`). Spawned by the
@@ -463,6 +471,10 @@ impl ControlService {
             ControlRequest::Rollback { worker } => {
                 outcome(s.request(Request::Rollback { worker }).await)
             }
+            ControlRequest::Promote { worker } => {
+                outcome(s.request(Request::Promote { worker }).await)
+            }
+            ControlRequest::Abort { worker } => outcome(s.request(Request::Abort { worker }).await),
             ControlRequest::Reload {} => outcome(s.request(Request::Reload).await),
             ControlRequest::Upgrade { binary } => match self.spawn_successor(&binary).await {
                 Ok((pid, log)) => ControlResponse::Upgrading { pid, log },
@@ -539,7 +551,7 @@ mod tests {
             r#"{"cmd":"scale","worker":"hello","instances":-1}"#,
             r#"{"cmd":"explode"}"#,
             r#"{"cmd":"status","extra":1}"#,
-            r#"{"cmd":"deploy","worker":"w","strategy":"canary"}"#,
+            r#"{"cmd":"deploy","worker":"w","strategy":"sideways"}"#,
             "not json",
         ] {
             assert!(

@@ -22,6 +22,9 @@
 //! | `tqproxy_unrouted_requests_total` | counter | `reason` |
 //! | `tqproxy_access_log_dropped_total` | counter | |
 //! | `tqproxy_worker_log_dropped_total` | counter | `worker` |
+//! | `tqproxy_generation_requests_total` | counter | `worker`, `generation` |
+//! | `tqproxy_generation_errors_total` | counter (5xx answers) | `worker`, `generation` |
+//! | `tqproxy_canary_share_permille` | gauge (during a canary deploy) | `worker`, `generation` |
 //! | `tqproxy_build_info` | gauge (always 1) | `version` |
 //! | `process_*` | the standard process metrics of tqproxy itself | |
 //!
@@ -83,8 +86,12 @@ pub struct Metrics {
     /// Worker log lines that could not be written (a full or failing disk), by worker.
     pub worker_log_dropped: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub generation_requests: GaugeVec,
+    pub generation_errors: GaugeVec,
+    pub canary_share: IntGaugeVec,
     /// Workers whose gauges [`Metrics::refresh_from`] set last time.
     gauged_workers: Mutex<BTreeSet<String>>,
+    gauged_generations: Mutex<BTreeSet<(String, String)>>,
 }
 
 fn build() -> Metrics {
@@ -194,6 +201,30 @@ fn build() -> Metrics {
         &["worker"],
     )
     .expect("metric");
+    let generation_requests = GaugeVec::new(
+        Opts::new(
+            "tqproxy_generation_requests_total",
+            "Requests answered by the instances of one generation of a worker (while it has one)",
+        ),
+        &["worker", "generation"],
+    )
+    .expect("metric");
+    let generation_errors = GaugeVec::new(
+        Opts::new(
+            "tqproxy_generation_errors_total",
+            "5xx answers (tqproxy's own 502/504 included) of one generation of a worker",
+        ),
+        &["worker", "generation"],
+    )
+    .expect("metric");
+    let canary_share = IntGaugeVec::new(
+        Opts::new(
+            "tqproxy_canary_share_permille",
+            "During a canary deploy: the new generation's share of requests, in thousandths (0: none)",
+        ),
+        &["worker", "generation"],
+    )
+    .expect("metric");
     let build_info = IntGaugeVec::new(
         Opts::new(
             "tqproxy_build_info",
@@ -218,6 +249,9 @@ fn build() -> Metrics {
         Box::new(access_log_dropped.clone()),
         Box::new(worker_log_dropped.clone()),
         Box::new(build_info.clone()),
+        Box::new(GaugeAsCounter(generation_requests.clone())),
+        Box::new(GaugeAsCounter(generation_errors.clone())),
+        Box::new(canary_share.clone()),
         Box::new(ProcessCollector::new()),
     ] {
         registry.register(c).expect("metric registered once");
@@ -248,7 +282,11 @@ fn build() -> Metrics {
         access_log_dropped,
         worker_log_dropped,
         build_info,
+        generation_requests,
+        generation_errors,
+        canary_share,
         gauged_workers: Mutex::new(BTreeSet::new()),
+        gauged_generations: Mutex::new(BTreeSet::new()),
     }
 }
 
@@ -440,6 +478,7 @@ impl Metrics {
     /// instance counts per state), so a scrape never shows values older than itself; the gauges
     /// of workers that are gone (removed by a reload) are dropped.
     pub fn refresh_from(&self, st: &StatusReport) {
+        self.refresh_generations(st);
         let now: BTreeSet<String> = st.workers.iter().map(|w| w.name.clone()).collect();
         let mut seen = self
             .gauged_workers
@@ -464,6 +503,57 @@ impl Metrics {
                     .set(n as i64);
             }
         }
+    }
+}
+
+impl Metrics {
+    /// The per-generation series (and the canary's share) from a status document; those of
+    /// generations that are gone are dropped.
+    fn refresh_generations(&self, st: &StatusReport) {
+        let mut now = BTreeSet::new();
+        for w in &st.workers {
+            for g in &w.generations {
+                let gen_label = g.generation.to_string();
+                let labels = [w.name.as_str(), gen_label.as_str()];
+                self.generation_requests
+                    .with_label_values(&labels)
+                    .set(g.requests as f64);
+                self.generation_errors
+                    .with_label_values(&labels)
+                    .set(g.errors as f64);
+                now.insert((w.name.clone(), gen_label));
+            }
+            if let Some(c) = &w.canary {
+                let gen_label = c.generation.to_string();
+                let permille = c
+                    .share
+                    .trim_end_matches('%')
+                    .parse::<f64>()
+                    .map_or(0, |p| (p * 10.0).round() as i64);
+                self.canary_share
+                    .with_label_values(&[&w.name, &gen_label])
+                    .set(permille);
+            }
+        }
+        let mut seen = self
+            .gauged_generations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (w, g) in seen.difference(&now) {
+            let _ = self.generation_requests.remove_label_values(&[w, g]);
+            let _ = self.generation_errors.remove_label_values(&[w, g]);
+        }
+        for (w, g) in seen.iter() {
+            if !st.workers.iter().any(|x| {
+                &x.name == w
+                    && x.canary
+                        .as_ref()
+                        .is_some_and(|c| &c.generation.to_string() == g)
+            }) {
+                let _ = self.canary_share.remove_label_values(&[w, g]);
+            }
+        }
+        *seen = now;
     }
 }
 

@@ -42,6 +42,131 @@ pub struct Instance {
     pub routed: AtomicBool,
     /// Woken when `in_flight` reaches 0 while the instance is unrouted (a drain's end).
     idle: Notify,
+    /// What this instance answered: the figures a canary is judged by.
+    pub answered: Answered,
+}
+
+/// Latency buckets: 4 per power of two of microseconds (each about 19 % wide), from 1 µs to
+/// about 67 s.
+const LATENCY_BUCKETS: usize = 27 * 4;
+
+/// Requests an instance answered, errors among them (5xx, tqproxy's own 502/504 included),
+/// and their latency: lock-free counters the request path adds to once per request.
+#[derive(Debug)]
+pub struct Answered {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+impl Default for Answered {
+    fn default() -> Answered {
+        Answered {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+/// A copy of [`Answered`] at one moment; two of them subtract to a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnsweredSnapshot {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency: Vec<u64>,
+}
+
+impl Default for AnsweredSnapshot {
+    fn default() -> AnsweredSnapshot {
+        AnsweredSnapshot {
+            requests: 0,
+            errors: 0,
+            latency: vec![0; LATENCY_BUCKETS],
+        }
+    }
+}
+
+fn latency_bucket(d: Duration) -> usize {
+    let us = d.as_micros().clamp(1, u64::MAX as u128) as u64;
+    let log = 63 - us.leading_zeros() as usize;
+    // The two bits below the leading one pick the quarter.
+    let quarter = if log >= 2 {
+        ((us >> (log - 2)) & 3) as usize
+    } else {
+        ((us << (2 - log)) & 3) as usize
+    };
+    (log * 4 + quarter).min(LATENCY_BUCKETS - 1)
+}
+
+/// The upper bound of a bucket.
+fn bucket_upper(i: usize) -> Duration {
+    let (log, quarter) = (i / 4, (i % 4) as u64);
+    let base = 1u64 << log;
+    Duration::from_micros(base + base * (quarter + 1) / 4)
+}
+
+impl Answered {
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency[latency_bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> AnsweredSnapshot {
+        AnsweredSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            latency: self
+                .latency
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+}
+
+impl AnsweredSnapshot {
+    pub fn add(&mut self, o: &AnsweredSnapshot) {
+        self.requests += o.requests;
+        self.errors += o.errors;
+        for (a, b) in self.latency.iter_mut().zip(&o.latency) {
+            *a += b;
+        }
+    }
+
+    /// What was answered since `earlier` (counters only grow; a missing earlier is zero).
+    pub fn since(&self, earlier: &AnsweredSnapshot) -> AnsweredSnapshot {
+        AnsweredSnapshot {
+            requests: self.requests.saturating_sub(earlier.requests),
+            errors: self.errors.saturating_sub(earlier.errors),
+            latency: self
+                .latency
+                .iter()
+                .zip(&earlier.latency)
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect(),
+        }
+    }
+
+    /// The `q` quantile (0..1) of the latencies, as the upper bound of its bucket.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(bucket_upper(i));
+            }
+        }
+        None
+    }
 }
 
 impl Instance {
@@ -58,6 +183,7 @@ impl Instance {
             requests: AtomicU64::new(0),
             routed: AtomicBool::new(false),
             idle: Notify::new(),
+            answered: Answered::default(),
         }
     }
 
@@ -124,19 +250,57 @@ pub struct Backend {
     pub settings: BackendSettings,
     /// Lives as long as the worker (not the table): balancing cursor and metrics.
     pub shared: Arc<WorkerShared>,
+    /// During a canary deploy: the share of requests that goes to the new generation.
+    pub split: Option<Split>,
+}
+
+/// A canary's share of a worker's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    /// The canary generation; every other routed instance is the baseline.
+    pub generation: u64,
+    /// Its share, in thousandths.
+    pub permille: u32,
+}
+
+impl Split {
+    /// Whether request number `n` goes to the canary: exactly `permille` of every thousand
+    /// consecutive requests, spread evenly (no randomness to make a small sample lie).
+    pub fn is_canary(self, n: u64) -> bool {
+        let p = self.permille.min(1000) as u64;
+        (n + 1) * p / 1000 > n * p / 1000
+    }
 }
 
 /// Per-worker state that outlives route tables.
 #[derive(Debug)]
 pub struct WorkerShared {
     pub cursor: AtomicUsize,
+    /// Counts requests for a canary split.
+    pub split_cursor: AtomicU64,
     pub metrics: WorkerMetrics,
 }
 
 impl Backend {
     /// Least outstanding requests among the routed instances, skipping `exclude`d ids; ties go
-    /// round-robin. Reserves the slot on the chosen instance.
+    /// round-robin. During a canary, the request first goes to its share's generation (least
+    /// outstanding within it), and to the other one when that has no instance to offer.
+    /// Reserves the slot on the chosen instance.
     pub fn pick(&self, exclude: &[u64]) -> Option<Arc<Instance>> {
+        let Some(split) = self.split else {
+            return self.pick_among(exclude, |_| true);
+        };
+        let n = self.shared.split_cursor.fetch_add(1, Ordering::Relaxed);
+        let canary = split.is_canary(n);
+        self.pick_among(exclude, |i| (i.generation == split.generation) == canary)
+            .or_else(|| self.pick_among(exclude, |_| true))
+    }
+
+    fn pick_among(
+        &self,
+        exclude: &[u64],
+        wanted: impl Fn(&Instance) -> bool,
+    ) -> Option<Arc<Instance>> {
         let n = self.instances.len();
         if n == 0 {
             return None;
@@ -152,7 +316,10 @@ impl Backend {
             let mut best_load = u64::MAX;
             for k in 0..n {
                 let inst = &self.instances[(start + k) % n];
-                if exclude.contains(&inst.id) || !inst.routed.load(Ordering::Relaxed) {
+                if exclude.contains(&inst.id)
+                    || !inst.routed.load(Ordering::Relaxed)
+                    || !wanted(inst)
+                {
                     continue;
                 }
                 let load = inst.in_flight.load(Ordering::Relaxed);
@@ -382,6 +549,46 @@ impl RouteHandle {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_split_sends_exactly_its_share_spread_evenly() {
+        for permille in [1, 50, 250, 333, 500, 999, 1000] {
+            let split = Split {
+                generation: 2,
+                permille,
+            };
+            let hits = (0..10_000).filter(|n| split.is_canary(*n)).count();
+            assert_eq!(hits, permille as usize * 10, "{permille}");
+            // Never two in a row below half: spread, not bunched.
+            if permille <= 500 {
+                assert!((0..10_000).all(|n| !(split.is_canary(n) && split.is_canary(n + 1))));
+            }
+        }
+    }
+
+    #[test]
+    fn latency_quantiles_come_within_a_bucket() {
+        let a = Answered::default();
+        for ms in 1..=100u64 {
+            a.record(200, Duration::from_millis(ms));
+        }
+        a.record(503, Duration::from_millis(5));
+        let s = a.snapshot();
+        assert_eq!((s.requests, s.errors), (101, 1));
+        let p99 = s.quantile(0.99).unwrap();
+        assert!(
+            p99 >= Duration::from_millis(99) && p99 <= Duration::from_millis(120),
+            "{p99:?}"
+        );
+        let p50 = s.quantile(0.5).unwrap();
+        assert!(
+            p50 >= Duration::from_millis(50) && p50 <= Duration::from_millis(60),
+            "{p50:?}"
+        );
+        let later = a.snapshot();
+        assert_eq!(later.since(&s).requests, 0);
+        assert!(later.since(&s).quantile(0.99).is_none());
+    }
+
     fn backend(name: &str, ports: &[u16]) -> Arc<Backend> {
         let worker: Arc<str> = name.into();
         Arc::new(Backend {
@@ -406,8 +613,10 @@ mod tests {
                 queue_timeout: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(1),
             },
+            split: None,
             shared: Arc::new(WorkerShared {
                 cursor: AtomicUsize::new(0),
+                split_cursor: Default::default(),
                 metrics: WorkerMetrics::detached(name),
             }),
         })

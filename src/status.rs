@@ -35,6 +35,13 @@ pub struct WorkerStatus {
     pub strategy: String,
     /// Blue/green: the previous generation kept for `rollback`.
     pub standby: Option<StandbyStatus>,
+    /// A canary deploy in progress: its step, share and both generations' figures.
+    #[serde(default)]
+    pub canary: Option<CanaryStatus>,
+    /// What each generation with an instance answered since it started (two during a
+    /// canary or a blue/green window).
+    #[serde(default)]
+    pub generations: Vec<GenerationStatus>,
     /// What is being done to the worker right now (`deploy`, `scale`, …).
     pub busy: Option<String>,
     pub restarts: BTreeMap<String, u64>,
@@ -42,6 +49,41 @@ pub struct WorkerStatus {
     pub requests: u64,
     pub instances: Vec<InstanceStatus>,
     pub log: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CanaryStatus {
+    pub generation: u64,
+    /// The generation it is compared with (the one serving before).
+    pub baseline: u64,
+    /// 1-based, of `steps`.
+    pub step: usize,
+    pub steps: usize,
+    /// The canary's share of requests now (`25%`).
+    pub share: String,
+    /// The current step's window so far.
+    pub canary_window: WindowStatus,
+    pub baseline_window: WindowStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WindowStatus {
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GenerationStatus {
+    pub generation: u64,
+    /// Its instances now.
+    pub instances: u32,
+    pub requests: u64,
+    /// 5xx answers, tqproxy's own 502/504 included.
+    pub errors: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -94,6 +136,8 @@ pub enum ErrorKind {
     NothingToRollBack,
     InvalidConfig,
     BadRequest,
+    /// `promote`/`abort` with no canary running.
+    NoCanary,
     /// Anything else; also what an error response without a kind (an older tqproxy) and a
     /// kind this build does not know (a newer one) read as.
     #[default]
@@ -103,7 +147,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::NoSuchWorker,
         ErrorKind::WorkerExists,
         ErrorKind::Busy,
@@ -114,6 +158,7 @@ impl ErrorKind {
         ErrorKind::NothingToRollBack,
         ErrorKind::InvalidConfig,
         ErrorKind::BadRequest,
+        ErrorKind::NoCanary,
         ErrorKind::Internal,
     ];
 
@@ -132,6 +177,7 @@ impl ErrorKind {
             ErrorKind::ShuttingDown => 6,
             ErrorKind::InvalidConfig => 7,
             ErrorKind::NothingToRollBack => 8,
+            ErrorKind::NoCanary => 9,
         }
     }
 
@@ -147,6 +193,7 @@ impl ErrorKind {
             ErrorKind::NothingToRollBack => "nothing_to_roll_back",
             ErrorKind::InvalidConfig => "invalid_config",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::NoCanary => "no_canary",
             ErrorKind::Internal => "internal",
         }
     }
@@ -359,6 +406,23 @@ impl StatusReport {
                 w.standby.as_ref().map_or(String::new(), |s| format!(
                     "  standby g{} for {:.0}s",
                     s.generation, s.expires_in_secs
+                )) + &w.canary.as_ref().map_or(String::new(), |c| format!(
+                    "  canary g{} {} (step {}/{}): {} req {:.3} err{} vs g{} {} req {:.3} err{}",
+                    c.generation,
+                    c.share,
+                    c.step,
+                    c.steps,
+                    c.canary_window.requests,
+                    c.canary_window.error_rate,
+                    c.canary_window
+                        .p99_ms
+                        .map_or(String::new(), |p| format!(" p99 {p:.1}ms")),
+                    c.baseline,
+                    c.baseline_window.requests,
+                    c.baseline_window.error_rate,
+                    c.baseline_window
+                        .p99_ms
+                        .map_or(String::new(), |p| format!(" p99 {p:.1}ms")),
                 )),
                 if restarts.is_empty() {
                     String::new()
@@ -457,6 +521,8 @@ mod tests {
             routed_generations: vec![1],
             strategy: "rolling".into(),
             standby: None,
+            canary: None,
+            generations: Vec::new(),
             busy: None,
             restarts: BTreeMap::new(),
             in_flight: 0,

@@ -121,6 +121,9 @@ pub enum CgroupMode {
 pub enum Strategy {
     Rolling,
     Bluegreen,
+    /// The new generation takes a growing share of requests, step by step, and is rolled back
+    /// on its own when its error rate or p99 breaks the limits (`deploy.canary`).
+    Canary,
 }
 
 impl fmt::Display for Strategy {
@@ -128,6 +131,7 @@ impl fmt::Display for Strategy {
         f.write_str(match self {
             Strategy::Rolling => "rolling",
             Strategy::Bluegreen => "bluegreen",
+            Strategy::Canary => "canary",
         })
     }
 }
@@ -330,6 +334,38 @@ pub struct DeployConfig {
     /// How long a blue/green deploy keeps the previous generation alive for `rollback`
     /// (default 60s).
     pub rollback_window: Duration,
+    /// The canary's steps and limits (used by `strategy: canary` and `deploy --canary`).
+    pub canary: CanaryConfig,
+}
+
+/// `deploy.canary`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryConfig {
+    /// The new generation's share of requests at each step, in thousandths, rising, the last
+    /// 1000 (default `[5%, 25%, 50%, 100%]`).
+    pub steps: Vec<u32>,
+    /// How long each step lasts at least (default 30s).
+    pub step_interval: Duration,
+    /// The largest error rate (5xx and upstream errors, a fraction) the canary may have over a
+    /// step, when it is also above the old generation's (default 0.01).
+    pub max_error_rate: f64,
+    /// The largest p99 the canary may have over a step, when it is also above the old
+    /// generation's (default none).
+    pub max_p99: Option<Duration>,
+    /// Requests the canary must have answered in a step before it is judged (default 100).
+    pub min_requests: u64,
+}
+
+impl Default for CanaryConfig {
+    fn default() -> CanaryConfig {
+        CanaryConfig {
+            steps: vec![50, 250, 500, 1000],
+            step_interval: Duration::from_secs(30),
+            max_error_rate: 0.01,
+            max_p99: None,
+            min_requests: 100,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -773,6 +809,7 @@ mod tests {
                 strategy: Strategy::Rolling,
                 max_surge: 1,
                 rollback_window: Duration::from_secs(60),
+                canary: CanaryConfig::default(),
             },
             drain_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(10),
@@ -820,6 +857,40 @@ mod tests {
         if let Ok(Some(w)) = WorkerConfig::from_text(&wdir, text) {
             // (Only where the temp dir is on a block device.)
             assert_eq!(w.resources.io.unwrap().device, wdir);
+        }
+    }
+
+    #[test]
+    fn canary_settings_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let wdir = dir.path().join("w");
+        let text = "command: [\"/bin/true\"]\ndeploy:\n  strategy: canary\n  canary: { steps: [1%, 0.1, 50%, 100%], step_interval: 10s, max_error_rate: 0.05, max_p99: 300ms, min_requests: 7 }\n";
+        let w = WorkerConfig::from_text(&wdir, text).unwrap().unwrap();
+        assert_eq!(w.deploy.strategy, Strategy::Canary);
+        assert_eq!(
+            w.deploy.canary,
+            CanaryConfig {
+                steps: vec![10, 100, 500, 1000],
+                step_interval: Duration::from_secs(10),
+                max_error_rate: 0.05,
+                max_p99: Some(Duration::from_millis(300)),
+                min_requests: 7,
+            }
+        );
+        for (canary, says) in [
+            ("{ steps: [50%, 25%, 100%] }", "shares must rise"),
+            ("{ steps: [5%, 50%] }", "the last step must be 100%"),
+            ("{ steps: [0%, 100%] }", "not a share above 0.1%"),
+            ("{ steps: [lots, 100%] }", "`lots` is not a share"),
+            ("{ steps: [] }", "at least one share"),
+            ("{ max_error_rate: 2 }", "not a fraction between 0 and 1"),
+            ("{ step_interval: 0s }", "must be more than 0"),
+            ("{ stepz: [100%] }", "unknown field `stepz`"),
+        ] {
+            let text = format!("command: [\"/bin/true\"]\ndeploy:\n  canary: {canary}\n");
+            let e = WorkerConfig::from_text(&wdir, &text).unwrap_err().to_string();
+            assert!(e.contains(says), "{canary}: {e}");
+            assert!(e.contains("worker.yaml:"), "{canary}: {e}");
         }
     }
 

@@ -275,6 +275,19 @@ pub(super) struct RawDeploy {
     pub(super) strategy: Option<Strategy>,
     pub(super) max_surge: Option<u32>,
     pub(super) rollback_window: Option<HumanDuration>,
+    #[serde(default)]
+    pub(super) canary: RawCanary,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCanary {
+    /// Shares: `5%`, or a fraction `0.05`.
+    pub(super) steps: Option<Vec<serde_yaml::Value>>,
+    pub(super) step_interval: Option<HumanDuration>,
+    pub(super) max_error_rate: Option<f64>,
+    pub(super) max_p99: Option<HumanDuration>,
+    pub(super) min_requests: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

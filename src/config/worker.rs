@@ -318,6 +318,7 @@ fn deploy(raw: &RawDeploy, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> DeployCo
         strategy: raw.strategy.unwrap_or(Strategy::Rolling),
         max_surge: raw.max_surge.unwrap_or(1),
         rollback_window: raw.rollback_window.map_or(Duration::from_secs(60), |x| x.0),
+        canary: canary(&raw.canary, ctx, errors),
     };
     if deploy.max_surge == 0 {
         errors.push(ctx.err(
@@ -328,6 +329,89 @@ fn deploy(raw: &RawDeploy, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> DeployCo
         ));
     }
     deploy
+}
+
+/// `deploy.canary`: steps that rise to 100 %, and limits that make sense.
+fn canary(raw: &RawCanary, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> CanaryConfig {
+    let d = CanaryConfig::default();
+    let mut err = |key: &str, msg: String| {
+        errors.push(ctx.err(
+            &["deploy", "canary", key],
+            None,
+            format!("deploy.canary.{key}"),
+            msg,
+        ));
+    };
+    let steps = match &raw.steps {
+        None => d.steps,
+        Some(list) => {
+            let mut steps = Vec::new();
+            for v in list {
+                match share_permille(v) {
+                    Ok(p) => steps.push(p),
+                    Err(e) => err("steps", e),
+                }
+            }
+            if steps.is_empty() && list.is_empty() {
+                err(
+                    "steps",
+                    "must list at least one share, the last 100%".into(),
+                );
+            } else if !steps.windows(2).all(|w| w[0] < w[1]) {
+                err(
+                    "steps",
+                    "shares must rise (e.g. [5%, 25%, 50%, 100%])".into(),
+                );
+            } else if steps.last().is_some_and(|l| *l != 1000) {
+                err("steps", "the last step must be 100%".into());
+            }
+            steps
+        }
+    };
+    let max_error_rate = raw.max_error_rate.unwrap_or(d.max_error_rate);
+    if !(0.0..=1.0).contains(&max_error_rate) {
+        err(
+            "max_error_rate",
+            format!("{max_error_rate} is not a fraction between 0 and 1 (e.g. 0.01)"),
+        );
+    }
+    let step_interval = raw.step_interval.map_or(d.step_interval, |x| x.0);
+    if step_interval.is_zero() {
+        err("step_interval", "must be more than 0".into());
+    }
+    CanaryConfig {
+        steps,
+        step_interval,
+        max_error_rate,
+        max_p99: raw.max_p99.map(|x| x.0),
+        min_requests: raw.min_requests.unwrap_or(d.min_requests),
+    }
+}
+
+/// `5%`, `0.5%` or a fraction `0.05`, as thousandths (0 < share ≤ 100 %).
+fn share_permille(v: &serde_yaml::Value) -> Result<u32, String> {
+    let f = match v {
+        serde_yaml::Value::String(s) => match s.trim().strip_suffix('%') {
+            Some(p) => p
+                .trim()
+                .parse::<f64>()
+                .map(|p| p / 100.0)
+                .map_err(|_| format!("`{s}` is not a share (e.g. 5% or 0.05)"))?,
+            None => s
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| format!("`{s}` is not a share (e.g. 5% or 0.05)"))?,
+        },
+        serde_yaml::Value::Number(n) => n
+            .as_f64()
+            .ok_or_else(|| format!("`{n}` is not a share (e.g. 5% or 0.05)"))?,
+        other => return Err(format!("{other:?} is not a share (e.g. 5% or 0.05)")),
+    };
+    let permille = (f * 1000.0).round();
+    if !(f > 0.0 && (1.0..=1000.0).contains(&permille)) {
+        return Err(format!("{} is not a share above 0.1% and at most 100%", f));
+    }
+    Ok(permille as u32)
 }
 
 /// `restart`: the backoff between restarts of a failing instance.

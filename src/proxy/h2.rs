@@ -469,7 +469,7 @@ impl ProxyHttp for H2Proxy {
             request_id: ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
         };
         self.policy
-            .record(ctx.backend.as_deref(), status, elapsed, || rec);
+            .record(ctx.backend.as_deref(), None, status, elapsed, || rec);
     }
 }
 

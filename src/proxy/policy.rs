@@ -131,11 +131,13 @@ impl Policy {
         }
     }
 
-    /// Records one finished request: the worker's metrics (when a worker was involved and an
-    /// answer was sent) and, when there is an access log, the line `line` builds.
+    /// Records one finished request: the worker's metrics and the answering instance's
+    /// figures (when a worker was involved and an answer was sent) and, when there is an
+    /// access log, the line `line` builds.
     pub fn record<'a>(
         &self,
         backend: Option<&Backend>,
+        served: Option<&Instance>,
         status: u16,
         elapsed: Duration,
         line: impl FnOnce() -> Record<'a>,
@@ -144,6 +146,9 @@ impl Policy {
             && status > 0
         {
             b.shared.metrics.record(status, elapsed.as_secs_f64());
+            if let Some(i) = served {
+                i.answered.record(status, elapsed);
+            }
         }
         if let Some(log) = &self.access_log {
             log.log(&line());

@@ -11,9 +11,9 @@
 //! - nothing is signalled while routed: retiring unroutes, drains, then signals;
 //! - a new generation that does not become ready is stopped and the old one keeps serving.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,15 +24,17 @@ type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 use super::error::SupervisorError;
 use super::lifecycle::{
-    OnBatchFailure, RollbackPlan, RollingPlan, ScalePlan, plan_bluegreen, plan_rollback, plan_scale,
+    OnBatchFailure, RollbackPlan, RollingPlan, ScalePlan, Verdict, Window, judge, percent,
+    plan_bluegreen, plan_rollback, plan_scale,
 };
 use super::status::{Outcome, OutcomeLine};
 use super::{
-    Cause, Commit, InstanceState, OnReady, Phase, Request, StandbyInfo, SupervisorHandle,
-    WorkerView, wait_exited, wait_ready,
+    CanaryCmd, CanaryState, Cause, Commit, InstanceState, OnReady, Phase, Request, StandbyInfo,
+    SupervisorHandle, WorkerView, wait_exited, wait_ready,
 };
 use crate::config::{Config, Strategy, WorkerConfig};
 use crate::metrics::METRICS;
+use crate::routes::AnsweredSnapshot;
 
 type Result<T> = std::result::Result<T, SupervisorError>;
 
@@ -42,8 +44,33 @@ fn outcome(worker: &str, r: Result<String>) -> Outcome {
 
 /// Entry point for requests from the control socket and signals.
 pub async fn run_request(h: &SupervisorHandle, req: Request) -> Outcome {
+    // Nothing else changes a worker while its canary runs: promote or abort it first.
+    let target = match &req {
+        Request::Scale { worker, .. }
+        | Request::Restart { worker }
+        | Request::Deploy { worker, .. }
+        | Request::Rollback { worker } => Some(worker.clone()),
+        _ => None,
+    };
+    if let Some(w) = target
+        && h.in_canary(&w)
+    {
+        return outcome(&w, Err(in_canary(&w)));
+    }
     match req {
         Request::Reload => reload(h).await,
+        Request::Promote { worker } => {
+            let r = h
+                .canary_command(&worker, CanaryCmd::Promote)
+                .map(|()| "promoting: the canary takes 100% now".to_string());
+            outcome(&worker, r)
+        }
+        Request::Abort { worker } => {
+            let r = h
+                .canary_command(&worker, CanaryCmd::Abort)
+                .map(|()| "aborting: the canary is being rolled back".to_string());
+            outcome(&worker, r)
+        }
         Request::Scale { worker, instances } => {
             let _g = h.lock(&worker).await;
             busy(h, &worker, Some("scale")).await;
@@ -85,6 +112,13 @@ pub async fn run_request(h: &SupervisorHandle, req: Request) -> Outcome {
             busy(h, &worker, None).await;
             outcome(&worker, r)
         }
+    }
+}
+
+fn in_canary(worker: &str) -> SupervisorError {
+    SupervisorError::Busy {
+        worker: worker.into(),
+        what: "a canary deploy is running: `tqproxy promote` or `tqproxy abort` it first".into(),
     }
 }
 
@@ -495,6 +529,18 @@ pub async fn rollback(h: &SupervisorHandle, worker: &str) -> Result<String> {
                     .await
                 }
                 Strategy::Bluegreen => bluegreen(h, worker, config.clone(), generation).await,
+                // Going back is not an experiment: the previous configuration rolls in.
+                Strategy::Canary => {
+                    rolling(
+                        h,
+                        worker,
+                        config.clone(),
+                        generation,
+                        config.instances,
+                        Cause::Deploy,
+                    )
+                    .await
+                }
             }?;
             Ok(format!(
                 "deployed the configuration of generation {was} again as generation {generation}: {r}"
@@ -551,6 +597,7 @@ async fn deploy_config(
             rolling(h, worker, cfg, generation, n, Cause::Deploy).await
         }
         Strategy::Bluegreen => bluegreen(h, worker, cfg, generation).await,
+        Strategy::Canary => canary(h, worker, cfg, generation).await,
     }
 }
 
@@ -656,6 +703,9 @@ pub async fn reload(h: &SupervisorHandle) -> Outcome {
         let old = current.workers.get(&name).cloned();
         let new = loaded.workers.get(&name).cloned();
         tasks.push(tokio::spawn(async move {
+            if h.in_canary(&name) {
+                return (name.clone(), Err(in_canary(&name)));
+            }
             let _g = h.lock(&name).await;
             let r = reload_worker(&h, &name, old, new).await;
             (name, r)
@@ -772,4 +822,168 @@ pub async fn recycle(h: &SupervisorHandle, worker: &str, id: u64, cause: Cause) 
     )
     .await;
     wait_all(drains).await;
+}
+
+/// A canary deploy of `config` as `generation`: the whole new generation starts unrouted, then
+/// takes the share of each step of `deploy.canary.steps` (least outstanding within each
+/// generation), judged by [`judge`] against the old generation over the same window. A breach,
+/// or `tqproxy abort`, unroutes the canary, drains and stops it; after the last step (or
+/// `tqproxy promote`) the old generation is retired.
+pub async fn canary(
+    h: &SupervisorHandle,
+    worker: &str,
+    config: Arc<WorkerConfig>,
+    generation: u64,
+) -> Result<String> {
+    let Some(mut ctl) = h.canary_begin(worker) else {
+        return Err(SupervisorError::Busy {
+            worker: worker.into(),
+            what: "a canary deploy".into(),
+        });
+    };
+    let r = canary_steps(h, worker, config, generation, &mut ctl).await;
+    h.set_canary(worker, None).await;
+    h.canary_end(worker);
+    r
+}
+
+async fn canary_steps(
+    h: &SupervisorHandle,
+    worker: &str,
+    config: Arc<WorkerConfig>,
+    generation: u64,
+    ctl: &mut watch::Receiver<CanaryCmd>,
+) -> Result<String> {
+    let v = view(h, worker).await?;
+    let t = Instant::now();
+    let old = v.serving();
+    let cfg = &config.deploy.canary;
+    let new_ids = start_batch(h, worker, &config, generation, config.instances, 0)
+        .await
+        .map_err(|e| SupervisorError::DeployFailed {
+            worker: worker.into(),
+            generation,
+            cause: Box::new(e),
+            outcome: format!("generation {} keeps serving", v.generation),
+        })?;
+    let mut state = CanaryState {
+        generation,
+        baseline: v.generation,
+        step: 0,
+        steps: cfg.steps.clone(),
+        permille: cfg.steps[0],
+        window: Default::default(),
+    };
+    // The split first: until the new instances are routed, its share falls back to the old.
+    h.set_canary(worker, Some(state.clone())).await;
+    h.switch(worker, new_ids.clone(), Vec::new(), Vec::new())
+        .await;
+    tracing::info!(worker, generation, share = %percent(state.permille), "canary: first step");
+    let mut by_hand = false;
+    loop {
+        let started = Instant::now();
+        let before = h.answered(worker).await;
+        let verdict = loop {
+            tokio::select! {
+                _ = tokio::time::sleep(CANARY_SAMPLE) => {}
+                _ = ctl.changed() => {}
+            }
+            match *ctl.borrow() {
+                CanaryCmd::Abort => break Verdict::Breach("aborted by `tqproxy abort`".into()),
+                CanaryCmd::Promote => {
+                    by_hand = true;
+                    break Verdict::Pass;
+                }
+                CanaryCmd::Run => {}
+            }
+            let now = h.answered(worker).await;
+            state.window = windows(&before, &now, generation);
+            h.set_canary(worker, Some(state.clone())).await;
+            match judge(
+                cfg,
+                state.permille,
+                started.elapsed(),
+                &state.window.0,
+                &state.window.1,
+            ) {
+                Verdict::Wait => continue,
+                v => break v,
+            }
+        };
+        match verdict {
+            Verdict::Breach(reason) => {
+                tracing::warn!(worker, generation, %reason, "canary: rolling back");
+                let drains = h
+                    .switch(worker, Vec::new(), new_ids.clone(), Vec::new())
+                    .await;
+                h.set_canary(worker, None).await;
+                wait_all(drains).await;
+                return Err(SupervisorError::CanaryRolledBack {
+                    worker: worker.into(),
+                    generation,
+                    baseline: v.generation,
+                    reason,
+                });
+            }
+            Verdict::Pass if by_hand || state.step + 1 == state.steps.len() => break,
+            Verdict::Pass | Verdict::Wait => {
+                state.step += 1;
+                state.permille = state.steps[state.step];
+                state.window = Default::default();
+                h.set_canary(worker, Some(state.clone())).await;
+                tracing::info!(worker, generation, share = %percent(state.permille), "canary: next step");
+            }
+        }
+    }
+    // 100 %: the old generation drains out of a table that already sends it nothing.
+    let drains = h.switch(worker, Vec::new(), old.clone(), Vec::new()).await;
+    h.set_canary(worker, None).await;
+    h.commit(
+        worker,
+        Commit {
+            config: Some((config.clone(), generation)),
+            desired: Some(config.instances),
+            previous: Some(Some((v.config.clone(), v.generation))),
+            count_restarts: vec![(Cause::Deploy, old.len() as u64)],
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_all(drains).await;
+    Ok(format!(
+        "canary generation {generation} promoted to 100% at step {} of {}{} in {} ms; generation {} retired",
+        state.step + 1,
+        state.steps.len(),
+        if by_hand { " by `tqproxy promote`" } else { "" },
+        ms(t),
+        v.generation
+    ))
+}
+
+/// How often a canary step's figures are read.
+const CANARY_SAMPLE: Duration = Duration::from_millis(200);
+
+/// The canary's and the baseline's figures between two readings.
+fn windows(
+    before: &BTreeMap<u64, AnsweredSnapshot>,
+    now: &BTreeMap<u64, AnsweredSnapshot>,
+    canary: u64,
+) -> (Window, Window) {
+    let empty = AnsweredSnapshot::default();
+    let mut base = AnsweredSnapshot::default();
+    let mut can = AnsweredSnapshot::default();
+    for (generation, snap) in now {
+        let d = snap.since(before.get(generation).unwrap_or(&empty));
+        if *generation == canary {
+            can.add(&d);
+        } else {
+            base.add(&d);
+        }
+    }
+    let w = |s: &AnsweredSnapshot| Window {
+        requests: s.requests,
+        errors: s.errors,
+        p99: s.quantile(0.99),
+    };
+    (w(&can), w(&base))
 }

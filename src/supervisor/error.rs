@@ -56,6 +56,19 @@ pub enum SupervisorError {
         cause: Box<SupervisorError>,
         outcome: String,
     },
+    /// A canary was rolled back (a limit broken, or `abort`); the old generation serves.
+    #[error(
+        "worker `{worker}`: canary generation {generation} rolled back: {reason}; generation {baseline} keeps serving"
+    )]
+    CanaryRolledBack {
+        worker: String,
+        generation: u64,
+        baseline: u64,
+        reason: String,
+    },
+    /// `promote`/`abort` of a worker with no canary deploy running.
+    #[error("worker `{worker}` has no canary deploy running")]
+    NoCanary { worker: String },
     #[error(
         "nothing to roll back to: worker `{worker}` has not been deployed since tqproxy started"
     )]
@@ -84,7 +97,10 @@ impl SupervisorError {
             SupervisorError::ShuttingDown => ErrorKind::ShuttingDown,
             SupervisorError::StartFailed { .. } => ErrorKind::StartFailed,
             SupervisorError::NotReady { .. } => ErrorKind::NotReady,
-            SupervisorError::DeployFailed { .. } => ErrorKind::DeployFailed,
+            SupervisorError::DeployFailed { .. } | SupervisorError::CanaryRolledBack { .. } => {
+                ErrorKind::DeployFailed
+            }
+            SupervisorError::NoCanary { .. } => ErrorKind::NoCanary,
             SupervisorError::NothingToRollBack { .. } => ErrorKind::NothingToRollBack,
             SupervisorError::InvalidConfig(_) => ErrorKind::InvalidConfig,
             SupervisorError::BadRequest(_) => ErrorKind::BadRequest,

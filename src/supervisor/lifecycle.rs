@@ -191,6 +191,8 @@ pub struct WorkerRecords {
     pub busy: Option<String>,
     /// Instances whose recycling is underway.
     pub recycling: BTreeSet<u64>,
+    /// A canary deploy in progress: both generations are routed, split by share.
+    pub canary: Option<CanaryState>,
 }
 
 /// Every worker and instance.
@@ -394,6 +396,7 @@ impl Records {
                 removing: false,
                 busy: None,
                 recycling: BTreeSet::new(),
+                canary: None,
             },
         );
         Ok(())
@@ -986,6 +989,21 @@ impl Records {
         }
     }
 
+    /// Starts, moves or ends a canary: the route table splits the worker's requests by it.
+    pub fn set_canary(&mut self, worker: &str, canary: Option<CanaryState>) -> Vec<Effect> {
+        let Some(w) = self.workers.get_mut(worker) else {
+            return Vec::new();
+        };
+        let republish = w.canary.as_ref().map(|c| (c.generation, c.permille))
+            != canary.as_ref().map(|c| (c.generation, c.permille));
+        w.canary = canary;
+        if republish {
+            vec![Effect::Publish]
+        } else {
+            Vec::new()
+        }
+    }
+
     fn gc(&mut self, worker: &str, fx: &mut Vec<Effect>) {
         if self
             .workers
@@ -1321,6 +1339,110 @@ pub fn recycle_due(
         }
     }
     due
+}
+
+// ---------------------------------------------------------------------------------------
+// Canary
+// ---------------------------------------------------------------------------------------
+
+/// A canary deploy in progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryState {
+    /// The new generation, and the one it is compared with.
+    pub generation: u64,
+    pub baseline: u64,
+    /// The current step (an index into `steps`) and its share in thousandths.
+    pub step: usize,
+    pub steps: Vec<u32>,
+    pub permille: u32,
+    /// The step's window so far: the canary's figures and the baseline's.
+    pub window: (Window, Window),
+}
+
+/// What one generation answered over a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Window {
+    pub requests: u64,
+    pub errors: u64,
+    pub p99: Option<Duration>,
+}
+
+impl Window {
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+}
+
+/// A share in thousandths as people write it (`5%`, `0.5%`).
+pub fn percent(permille: u32) -> String {
+    if permille.is_multiple_of(10) {
+        format!("{}%", permille / 10)
+    } else {
+        format!("{}.{}%", permille / 10, permille % 10)
+    }
+}
+
+/// What a step's figures say.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Not enough time or requests yet.
+    Wait,
+    /// Within the limits for the whole step: go on.
+    Pass,
+    /// A limit is broken: roll back, for this reason.
+    Breach(String),
+}
+
+/// Judges a step. A breach is called as soon as the canary has `min_requests` in the step
+/// (no need to let a bad version fail for the rest of the step); a pass needs both
+/// `min_requests` and `step_interval`. A limit counts as broken only when the canary is also
+/// worse than the baseline over the same window (the old generation failing too is not the
+/// canary's fault).
+pub fn judge(
+    cfg: &crate::config::CanaryConfig,
+    permille: u32,
+    elapsed: Duration,
+    canary: &Window,
+    baseline: &Window,
+) -> Verdict {
+    if canary.requests < cfg.min_requests.max(1) {
+        return Verdict::Wait;
+    }
+    let rate = canary.error_rate();
+    if rate > cfg.max_error_rate && rate > baseline.error_rate() {
+        return Verdict::Breach(format!(
+            "canary error rate {rate:.2} > {} over {} requests at step {} (old generation {:.2} over {})",
+            cfg.max_error_rate,
+            canary.requests,
+            percent(permille),
+            baseline.error_rate(),
+            baseline.requests
+        ));
+    }
+    if let (Some(limit), Some(p99)) = (cfg.max_p99, canary.p99)
+        && p99 > limit
+        && baseline.p99.is_none_or(|b| p99 > b)
+    {
+        return Verdict::Breach(format!(
+            "canary p99 {} ms > {} ms over {} requests at step {} (old generation {})",
+            p99.as_millis(),
+            limit.as_millis(),
+            canary.requests,
+            percent(permille),
+            baseline
+                .p99
+                .map_or("-".to_string(), |b| format!("{} ms", b.as_millis()))
+        ));
+    }
+    if elapsed >= cfg.step_interval {
+        Verdict::Pass
+    } else {
+        Verdict::Wait
+    }
 }
 
 #[cfg(test)]

@@ -42,7 +42,9 @@ use crate::config::{Config, Strategy, WorkerConfig};
 use crate::routes::RouteHandle;
 pub use error::{ErrorKind, SupervisorError};
 use instance::Fact;
-pub use lifecycle::{Commit, InstanceState, InstanceView, OnReady, StandbyInfo, Timer, WorkerView};
+pub use lifecycle::{
+    CanaryState, Commit, InstanceState, InstanceView, OnReady, StandbyInfo, Timer, WorkerView,
+};
 use owner::Owner;
 use status::{Outcome, StatusReport};
 
@@ -113,6 +115,14 @@ pub enum Request {
     Rollback {
         worker: String,
     },
+    /// A canary in progress: go to 100 % now.
+    Promote {
+        worker: String,
+    },
+    /// A canary in progress: roll back now.
+    Abort {
+        worker: String,
+    },
     Reload,
 }
 
@@ -180,6 +190,17 @@ pub enum Msg {
     Tick,
     Shutdown(oneshot::Sender<()>),
     AllDrained,
+    /// Starts, moves or ends a worker's canary split.
+    Canary {
+        worker: String,
+        state: Option<CanaryState>,
+        reply: oneshot::Sender<()>,
+    },
+    /// What each generation of a worker answered so far.
+    Answered(
+        String,
+        oneshot::Sender<std::collections::BTreeMap<u64, crate::routes::AnsweredSnapshot>>,
+    ),
 }
 
 /// Cheap, cloneable access to the supervisor.
@@ -189,6 +210,16 @@ pub struct SupervisorHandle {
     tls_reloader: Arc<std::sync::OnceLock<TlsReloader>>,
     locks: Arc<std::sync::Mutex<HashMap<String, Arc<AsyncMutex<()>>>>>,
     reload_lock: Arc<AsyncMutex<()>>,
+    /// The canary deploys running now, by worker: how `promote` and `abort` reach them.
+    canaries: Arc<std::sync::Mutex<HashMap<String, watch::Sender<CanaryCmd>>>>,
+}
+
+/// What `promote` and `abort` tell a running canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CanaryCmd {
+    Run,
+    Promote,
+    Abort,
 }
 
 /// Reloads the TLS certificates of every listener from a new configuration (all or nothing);
@@ -330,6 +361,61 @@ impl SupervisorHandle {
         self.send(Msg::SetConfig(c));
     }
 
+    pub async fn set_canary(&self, worker: &str, state: Option<CanaryState>) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Canary {
+            worker: worker.to_string(),
+            state,
+            reply: tx,
+        });
+        let _ = rx.await;
+    }
+
+    pub async fn answered(
+        &self,
+        worker: &str,
+    ) -> std::collections::BTreeMap<u64, crate::routes::AnsweredSnapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Answered(worker.to_string(), tx));
+        rx.await.unwrap_or_default()
+    }
+
+    /// Registers a canary of `worker`; `None` if one runs already.
+    fn canary_begin(&self, worker: &str) -> Option<watch::Receiver<CanaryCmd>> {
+        let mut map = self.canaries.lock().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(worker) {
+            return None;
+        }
+        let (tx, rx) = watch::channel(CanaryCmd::Run);
+        map.insert(worker.to_string(), tx);
+        Some(rx)
+    }
+
+    fn canary_end(&self, worker: &str) {
+        let mut map = self.canaries.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(worker);
+    }
+
+    /// Whether a canary of `worker` runs now.
+    pub fn in_canary(&self, worker: &str) -> bool {
+        let map = self.canaries.lock().unwrap_or_else(|p| p.into_inner());
+        map.contains_key(worker)
+    }
+
+    /// Tells the running canary of `worker` to promote or abort.
+    fn canary_command(&self, worker: &str, cmd: CanaryCmd) -> Result<(), SupervisorError> {
+        let map = self.canaries.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(worker) {
+            Some(tx) => {
+                tx.send_replace(cmd);
+                Ok(())
+            }
+            None => Err(SupervisorError::NoCanary {
+                worker: worker.into(),
+            }),
+        }
+    }
+
     /// Graceful stop: wait for in-flight requests, stop every instance; resolves when done.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
@@ -386,6 +472,7 @@ impl Supervisor {
             tls_reloader: Default::default(),
             locks: Default::default(),
             reload_lock: Default::default(),
+            canaries: Default::default(),
         };
         let env = owner::Env::production(&config).map_err(|e| e.to_string())?;
         let owner = Owner::new(config.clone(), routes, handle.clone(), env);

@@ -31,12 +31,16 @@ use super::ports::PortPool;
 use super::sockets;
 use super::spec::{build_spec, cgroup_limits, prepare_dirs, setup_cgroups};
 use super::stats::ProcStats;
-use super::status::{InstanceStatus, Outcome, StandbyStatus, StatusReport, WorkerStatus};
+use super::status::{
+    CanaryStatus, GenerationStatus, InstanceStatus, Outcome, StandbyStatus, StatusReport,
+    WindowStatus, WorkerStatus,
+};
 use super::{Cause, Msg, Phase, SupervisorHandle, deploy};
 use crate::config::{Config, Transport};
 use crate::metrics::{METRICS, WorkerMetrics};
 use crate::routes::{
-    Backend, BackendSettings, Instance, Route, RouteHandle, RouteTable, WorkerShared,
+    AnsweredSnapshot, Backend, BackendSettings, Instance, Route, RouteHandle, RouteTable,
+    WorkerShared,
 };
 use crate::sandbox::Spawner;
 use crate::sandbox::cgroup::{CgroupDriver, InstanceCgroup};
@@ -193,6 +197,9 @@ pub(super) struct Owner {
     timers: JoinSet<Msg>,
     /// Orchestrations started from here (requests, recycles).
     tasks: JoinSet<()>,
+    /// What gone processes answered, by worker and generation (while the generation has a
+    /// record).
+    retired: BTreeMap<(String, u64), AnsweredSnapshot>,
 }
 
 fn now() -> std::time::Instant {
@@ -220,6 +227,7 @@ impl Owner {
             shutdown_waiters: Vec::new(),
             timers: JoinSet::new(),
             tasks: JoinSet::new(),
+            retired: BTreeMap::new(),
         }
     }
 
@@ -398,6 +406,50 @@ impl Owner {
                 let fx = self.records.all_drained();
                 self.perform(fx);
             }
+            Msg::Canary {
+                worker,
+                state,
+                reply,
+            } => {
+                let fx = self.records.set_canary(&worker, state);
+                self.perform(fx);
+                let _ = reply.send(());
+            }
+            Msg::Answered(worker, reply) => {
+                let _ = reply.send(self.answered(&worker));
+            }
+        }
+    }
+
+    /// What each generation of `worker` answered: its live processes' figures plus those of
+    /// its processes that are gone.
+    fn answered(&self, worker: &str) -> BTreeMap<u64, AnsweredSnapshot> {
+        let mut out: BTreeMap<u64, AnsweredSnapshot> = self
+            .retired
+            .range((worker.to_string(), 0)..=(worker.to_string(), u64::MAX))
+            .map(|((_, g), s)| (*g, s.clone()))
+            .collect();
+        if let (Some(w), Some(wrt)) = (self.records.worker(worker), self.rt.get(worker)) {
+            for r in w.instances.values() {
+                if let Some(run) = wrt.instances.get(&r.id) {
+                    out.entry(r.generation)
+                        .or_default()
+                        .add(&run.shared.answered.snapshot());
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps what a process of `worker`'s generation `generation` answered, once its shared
+    /// counters are dropped.
+    fn retire_answered(&mut self, worker: &str, generation: u64, shared: &Instance) {
+        let snap = shared.answered.snapshot();
+        if snap.requests > 0 {
+            self.retired
+                .entry((worker.to_string(), generation))
+                .or_default()
+                .add(&snap);
         }
     }
 
@@ -446,6 +498,7 @@ impl Owner {
             WorkerRuntime {
                 shared: Arc::new(WorkerShared {
                     cursor: AtomicUsize::new(0),
+                    split_cursor: Default::default(),
                     metrics: WorkerMetrics::new(&name),
                 }),
                 log,
@@ -604,6 +657,14 @@ impl Owner {
                     if let Some(w) = self.rt.get_mut(&worker)
                         && let Some(r) = w.instances.remove(&id)
                     {
+                        let generation = r.shared.generation;
+                        self.retire_answered(&worker, generation, &r.shared);
+                        let left = self.records.worker(&worker).is_some_and(|w| {
+                            w.instances.values().any(|x| x.generation == generation)
+                        });
+                        if !left {
+                            self.retired.remove(&(worker.clone(), generation));
+                        }
                         // A record that goes without an exit (its first spawn failed).
                         if let Some(p) = r.port {
                             self.ports.release(p);
@@ -617,6 +678,7 @@ impl Owner {
                     if let Some(w) = self.rt.remove(&worker) {
                         w.log.close();
                     }
+                    self.retired.retain(|(w, _), _| *w != worker);
                     self.env.metrics.worker_gone(&worker);
                 }
                 Effect::Phase { worker, id, phase } => {
@@ -787,7 +849,7 @@ impl Owner {
                 let Some(r) = self.running(worker, id) else {
                     return Err(format!("no instance {id}"));
                 };
-                r.shared = Arc::new(shared);
+                let old = std::mem::replace(&mut r.shared, Arc::new(shared));
                 r.ctl = Some(ctl);
                 r.port = port;
                 r.socket = socket;
@@ -795,6 +857,7 @@ impl Owner {
                 r.tail = tail;
                 r.stats = InstanceStats::default();
                 r.phase.send_replace(Phase::Starting);
+                self.retire_answered(worker, old.generation, &old);
                 tracing::info!(worker, instance = id, %target, generation, "starting");
                 Ok(())
             }
@@ -839,6 +902,10 @@ impl Owner {
                     idle_timeout: self.config.proxy.upstream_idle_timeout,
                 },
                 shared: wrt.shared.clone(),
+                split: w.canary.as_ref().map(|c| crate::routes::Split {
+                    generation: c.generation,
+                    permille: c.permille,
+                }),
             });
             for spec in &c.routes {
                 table.add(
@@ -984,6 +1051,38 @@ impl Owner {
                     } else {
                         w.busy.clone()
                     },
+                    canary: w.canary.as_ref().map(|c| {
+                        let win = |x: &lifecycle::Window| WindowStatus {
+                            requests: x.requests,
+                            errors: x.errors,
+                            error_rate: x.error_rate(),
+                            p99_ms: x.p99.map(|d| d.as_secs_f64() * 1000.0),
+                        };
+                        CanaryStatus {
+                            generation: c.generation,
+                            baseline: c.baseline,
+                            step: c.step + 1,
+                            steps: c.steps.len(),
+                            share: lifecycle::percent(c.permille),
+                            canary_window: win(&c.window.0),
+                            baseline_window: win(&c.window.1),
+                        }
+                    }),
+                    generations: self
+                        .answered(&w.name)
+                        .into_iter()
+                        .filter_map(|(g, a)| {
+                            let n = w.instances.values().filter(|r| r.generation == g).count();
+                            (n > 0).then(|| GenerationStatus {
+                                generation: g,
+                                instances: n as u32,
+                                requests: a.requests,
+                                errors: a.errors,
+                                p50_ms: a.quantile(0.5).map(|d| d.as_secs_f64() * 1000.0),
+                                p99_ms: a.quantile(0.99).map(|d| d.as_secs_f64() * 1000.0),
+                            })
+                        })
+                        .collect(),
                     restarts,
                     in_flight: instances.iter().map(|i| i.in_flight).sum(),
                     requests: instances.iter().map(|i| i.requests).sum(),

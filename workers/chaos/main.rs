@@ -27,7 +27,9 @@
 //! | `GET /connect?addr=HOST:PORT`  | does a TCP connect succeed within 1 s?                          |
 //!
 //! Start-up knobs: `CHAOS_CRASH_ON_START=1` (exit 3 at once), `CHAOS_START_DELAY_MS=N` (sleep
-//! before serving), `CHAOS_NEVER_READY=1` (`/health` always 503).
+//! before serving), `CHAOS_NEVER_READY=1` (`/health` always 503), `CHAOS_ERROR_PERMILLE=N`
+//! (`GET /` answers 500 for N of every 1000 requests, spread evenly: a bad version for canary
+//! tests).
 #![forbid(unsafe_code)]
 
 use std::fs::File;
@@ -71,6 +73,9 @@ struct App {
     generation: String,
     version: String,
     never_ready: bool,
+    /// `GET /` answers 500 for this many of every 1000 requests.
+    error_permille: u64,
+    served: std::sync::atomic::AtomicU64,
 }
 
 fn main() {
@@ -95,6 +100,11 @@ fn main() {
         generation,
         version: kit::clean(var("CHAOS_VERSION").unwrap_or_else(|| "1".into())),
         never_ready: var("CHAOS_NEVER_READY").as_deref() == Some("1"),
+        error_permille: var("CHAOS_ERROR_PERMILLE")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0u64)
+            .min(1000),
+        served: std::sync::atomic::AtomicU64::new(0),
     };
     kit::serve(worker, app)
 }
@@ -186,10 +196,21 @@ impl Handler for App {
 async fn endpoint(app: &App, req: &Request) -> Result<Reply, Reply> {
     let pid = std::process::id();
     Ok(match req.path.as_str() {
-        "/" => Reply::text(
-            200,
-            format!("chaos {} gen {} pid {pid}\n", app.instance, app.generation),
-        ),
+        "/" => {
+            let n = app.served.fetch_add(1, Ordering::Relaxed);
+            let p = app.error_permille;
+            if (n + 1) * p / 1000 > n * p / 1000 {
+                Reply::text(
+                    500,
+                    "chaos: a failing request (CHAOS_ERROR_PERMILLE)\n".to_string(),
+                )
+            } else {
+                Reply::text(
+                    200,
+                    format!("chaos {} gen {} pid {pid}\n", app.instance, app.generation),
+                )
+            }
+        }
         "/version" => Reply::text(200, format!("{}\n", app.version)),
         "/slow" => {
             let ms: u64 = num(req, "ms")?.unwrap_or(0);

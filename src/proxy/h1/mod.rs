@@ -257,7 +257,8 @@ struct Exchange {
     backend: Option<Arc<Backend>>,
     status: u16,
     bytes: u64,
-    served_by: Option<(u64, u16)>,
+    /// The instance that answered (kept after its slot is released, for the log and its figures).
+    served: Option<Arc<Instance>>,
     /// Where the bytes after this request's body start in the client buffer (a pipelined
     /// request), once the body was read.
     body_end: Option<usize>,
@@ -539,21 +540,23 @@ impl Conn {
     /// The access log line of a request tqproxy could not parse.
     fn record_bare(&self, status: u16, bytes: u64, started: Instant) {
         let elapsed = started.elapsed();
-        self.engine.policy.record(None, status, elapsed, || Record {
-            client: self.client_ip,
-            method: "-",
-            target: "-",
-            version: "HTTP/1.1",
-            host: None,
-            status,
-            bytes,
-            elapsed,
-            worker: None,
-            served_by: None,
-            referer: None,
-            user_agent: None,
-            request_id: None,
-        });
+        self.engine
+            .policy
+            .record(None, None, status, elapsed, || Record {
+                client: self.client_ip,
+                method: "-",
+                target: "-",
+                version: "HTTP/1.1",
+                host: None,
+                status,
+                bytes,
+                elapsed,
+                worker: None,
+                served_by: None,
+                referer: None,
+                user_agent: None,
+                request_id: None,
+            });
     }
 
     /// Closes after an error: stop sending, then read and discard what the client still sends
@@ -614,7 +617,7 @@ impl Conn {
             backend: None,
             status: 0,
             bytes: 0,
-            served_by: None,
+            served: None,
             body_end: None,
             replayable: req.framing == Framing::None,
             ended: None,
@@ -761,7 +764,7 @@ impl Conn {
                 return Next::Close;
             };
             attempts += 1;
-            e.served_by = Some((inst.id, inst.addr.port()));
+            e.served = Some(inst.clone());
             let backend = e.backend.clone().expect("set with the route");
             let outcome = self
                 .attempt(e, &backend, &inst, &mut scratch.0, fresh)
@@ -902,9 +905,12 @@ impl Conn {
         let buf = self.inbuf.as_ref().map_or(&[][..], |b| b.filled());
         let elapsed = end.saturating_duration_since(e.started);
         let client = self.client_ip;
-        self.engine
-            .policy
-            .record(e.backend.as_deref(), e.status, elapsed, || {
+        self.engine.policy.record(
+            e.backend.as_deref(),
+            e.served.as_deref(),
+            e.status,
+            elapsed,
+            || {
                 let r = &e.req;
                 let opt =
                     |s: Option<parse::Span>| s.and_then(|s| std::str::from_utf8(s.get(buf)).ok());
@@ -918,12 +924,13 @@ impl Conn {
                     bytes: e.bytes,
                     elapsed,
                     worker: e.backend.as_ref().map(|b| &*b.worker),
-                    served_by: e.served_by,
+                    served_by: e.served.as_ref().map(|i| (i.id, i.addr.port())),
                     referer: opt(r.referer),
                     user_agent: opt(r.user_agent),
                     request_id: std::str::from_utf8(e.request_id(buf)).ok(),
                 }
-            });
+            },
+        );
         if let Some(buf) = self.inbuf.as_mut() {
             match e.body_end {
                 Some(end) => buf.consume(end),

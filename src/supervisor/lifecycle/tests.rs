@@ -1032,3 +1032,110 @@ fn shutdown_starts_nothing_and_restarts_nothing() {
     w.crash(s, 4);
     assert!(w.r.finished());
 }
+
+// --- canary ------------------------------------------------------------------------------
+
+fn canary_cfg() -> crate::config::CanaryConfig {
+    crate::config::CanaryConfig {
+        steps: vec![50, 250, 1000],
+        step_interval: Duration::from_secs(30),
+        max_error_rate: 0.01,
+        max_p99: Some(Duration::from_millis(200)),
+        min_requests: 100,
+    }
+}
+
+fn win(requests: u64, errors: u64, p99_ms: u64) -> Window {
+    Window {
+        requests,
+        errors,
+        p99: Some(Duration::from_millis(p99_ms)),
+    }
+}
+
+#[test]
+fn a_canary_step_waits_for_min_requests_and_its_interval() {
+    let cfg = canary_cfg();
+    let base = win(2000, 0, 10);
+    let t = Duration::from_secs;
+    assert_eq!(
+        judge(&cfg, 50, t(60), &win(99, 0, 10), &base),
+        Verdict::Wait
+    );
+    assert_eq!(
+        judge(&cfg, 50, t(29), &win(500, 0, 10), &base),
+        Verdict::Wait
+    );
+    assert_eq!(
+        judge(&cfg, 50, t(30), &win(100, 0, 10), &base),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn a_canary_breach_is_called_as_soon_as_it_has_min_requests() {
+    let cfg = canary_cfg();
+    let v = judge(
+        &cfg,
+        250,
+        Duration::from_secs(1),
+        &win(812, 154, 10),
+        &win(3000, 3, 10),
+    );
+    let Verdict::Breach(why) = v else {
+        panic!("{v:?}")
+    };
+    assert_eq!(
+        why,
+        "canary error rate 0.19 > 0.01 over 812 requests at step 25% (old generation 0.00 over 3000)"
+    );
+    let v = judge(
+        &cfg,
+        50,
+        Duration::from_secs(1),
+        &win(100, 0, 450),
+        &win(3000, 0, 20),
+    );
+    assert!(
+        matches!(&v, Verdict::Breach(w) if w.starts_with("canary p99 450 ms > 200 ms over 100 requests at step 5%")),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_canary_no_worse_than_the_old_generation_is_not_blamed() {
+    // Both fail alike (a dependency is down): not the canary's fault.
+    let cfg = canary_cfg();
+    let t = Duration::from_secs(30);
+    assert_eq!(
+        judge(&cfg, 50, t, &win(200, 20, 300), &win(4000, 800, 400)),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn a_canary_split_and_its_end_republish_the_table() {
+    let mut w = World::new("");
+    let state = CanaryState {
+        generation: 2,
+        baseline: 1,
+        step: 0,
+        steps: vec![50, 1000],
+        permille: 50,
+        window: Default::default(),
+    };
+    assert_eq!(
+        w.r.set_canary(W, Some(state.clone())),
+        vec![Effect::Publish]
+    );
+    // New figures, same share: nothing to publish.
+    let mut later = state.clone();
+    later.window.0.requests = 10;
+    assert!(w.r.set_canary(W, Some(later)).is_empty());
+    let mut next = state;
+    next.permille = 1000;
+    assert_eq!(w.r.set_canary(W, Some(next)), vec![Effect::Publish]);
+    assert_eq!(w.r.set_canary(W, None), vec![Effect::Publish]);
+    assert_eq!(percent(50), "5%");
+    assert_eq!(percent(5), "0.5%");
+}

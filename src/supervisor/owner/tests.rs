@@ -120,6 +120,7 @@ fn setup(instances: u32, extra: &str) -> Setup {
         tls_reloader: Default::default(),
         locks: Default::default(),
         reload_lock: Default::default(),
+        canaries: Default::default(),
     };
     let routes = RouteHandle::new();
     let fake = Arc::new(Fake::default());
