@@ -36,7 +36,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
@@ -55,7 +54,7 @@ use crate::proxy::policy::Policy;
 use crate::routes::RouteHandle;
 use crate::signals;
 use crate::supervisor::{Supervisor, SupervisorHandle};
-use crate::tls::{CertStore, SniResolver};
+use crate::tls::{CertStore, Negotiation, SniResolver, TlsFront};
 
 /// Why `tqproxy run` could not start (or, for an upgrade, could not take over).
 #[derive(Debug, thiserror::Error)]
@@ -188,7 +187,7 @@ pub fn run(config_path: &Path, opts: RunOptions) -> Result<Stopped, StartupError
         &config,
         routes,
         access_log.clone(),
-        tls.settings,
+        tls.configs,
     );
     server.add_service(proxy).add_dependency(&listen_after);
     if let Some(addr) = config.admin {
@@ -270,21 +269,21 @@ fn open_access_log(config: &Config) -> Result<Option<AccessLog>, StartupError> {
         })
 }
 
-/// The TLS listeners: pingora's settings for each, and the resolvers through which `reload`
-/// swaps certificates on live listeners.
+/// The TLS listeners: the rustls configuration of each (for [`TlsFront`]), and the resolvers
+/// through which `reload` swaps certificates on live listeners.
 struct Tls {
-    settings: Vec<(SocketAddr, TlsSettings)>,
-    resolvers: Vec<(SocketAddr, Arc<SniResolver>)>,
+    configs: Vec<(SocketAddr, Arc<rustls::ServerConfig>)>,
+    resolvers: Vec<(SocketAddr, Arc<SniResolver>, Negotiation)>,
 }
 
 impl Tls {
     fn load(config: &Config) -> Result<Tls, StartupError> {
         let mut tls = Tls {
-            settings: Vec::new(),
+            configs: Vec::new(),
             resolvers: Vec::new(),
         };
         for l in &config.listeners {
-            let ListenerKind::Tls { certificates, h2 } = &l.kind else {
+            let Some((certificates, how)) = tls_listener(&l.kind) else {
                 continue;
             };
             let err = |cause: String| StartupError::Tls {
@@ -296,16 +295,31 @@ impl Tls {
                 tracing::info!(listener = %l.addr, "certificate {line}");
             }
             let resolver = Arc::new(SniResolver::new(store));
-            let mut settings =
-                TlsSettings::intermediate("", "").map_err(|e| err(format!("TLS settings: {e}")))?;
-            settings.set_cert_resolver(resolver.clone());
-            if *h2 {
-                settings.enable_h2();
-            }
-            tls.settings.push((l.addr, settings));
-            tls.resolvers.push((l.addr, resolver));
+            let server_config = crate::tls::server_config(resolver.clone(), &how).map_err(err)?;
+            tls.configs.push((l.addr, server_config));
+            tls.resolvers.push((l.addr, resolver, how));
         }
         Ok(tls)
+    }
+}
+
+/// A TLS listener's certificates and how it negotiates; `None` for other listeners.
+fn tls_listener(kind: &ListenerKind) -> Option<(&[crate::tls::CertFiles], Negotiation)> {
+    match kind {
+        ListenerKind::Tls {
+            certificates,
+            h2,
+            session_cache,
+            tickets,
+        } => Some((
+            certificates,
+            Negotiation {
+                h2: *h2,
+                session_cache: *session_cache,
+                tickets: *tickets,
+            },
+        )),
+        _ => None,
     }
 }
 
@@ -362,7 +376,7 @@ fn supervisor(
 /// Run by `tqproxy reload` before any worker changes: certificates (a broken one fails the
 /// reload), then the access log is reopened at its path (logrotate's `postrotate`).
 fn reloader(
-    resolvers: Vec<(SocketAddr, Arc<SniResolver>)>,
+    resolvers: Vec<(SocketAddr, Arc<SniResolver>, Negotiation)>,
     access_log: Option<AccessLog>,
 ) -> crate::supervisor::TlsReloader {
     Arc::new(move |c: &Config| {
@@ -456,15 +470,16 @@ fn control_service(
 }
 
 /// The request path: tqproxy's HTTP/1.1 engine on every listener (plain, redirecting, TLS with
-/// certificates by SNI); it hands HTTP/2 connections (ALPN h2, or the h2c preface) to
+/// certificates by SNI, the handshake done by [`TlsFront`] with `tls`, each TLS listener's
+/// rustls configuration); it hands HTTP/2 connections (ALPN h2, or the h2c preface) to
 /// pingora's HTTP/2 server and [`H2Proxy`].
 fn proxy_service(
     server_conf: &Arc<ServerConf>,
     config: &Config,
     routes: Arc<RouteHandle>,
     access_log: Option<AccessLog>,
-    tls: Vec<(SocketAddr, TlsSettings)>,
-) -> Service<Engine> {
+    tls: Vec<(SocketAddr, Arc<rustls::ServerConfig>)>,
+) -> Service<TlsFront<Engine>> {
     let redirects: HashMap<u16, u16> = config
         .listeners
         .iter()
@@ -493,18 +508,15 @@ fn proxy_service(
         },
         Arc::new(h2),
     );
-    let mut proxy = Service::new("proxy".to_string(), engine);
+    let front = TlsFront::new(engine, tls, p.client_header_timeout);
+    let mut proxy = Service::new("proxy".to_string(), front);
     for l in &config.listeners {
-        if !matches!(l.kind, ListenerKind::Tls { .. }) {
-            // The engine buffers itself (and holds no buffer while a connection is idle):
-            // pingora's 64 KiB per-connection read buffer would be most of its memory.
-            proxy.add_listener(
-                ListenerConfig::tcp(l.addr.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
-            );
-        }
-    }
-    for (addr, settings) in tls {
-        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).tls(settings));
+        // Every listener is TCP to pingora: TLS is TlsFront's. The engine buffers itself (and
+        // holds no buffer while a connection is idle), and so does rustls: pingora's 64 KiB
+        // per-connection read buffer would be most of their memory.
+        proxy.add_listener(
+            ListenerConfig::tcp(l.addr.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
+        );
     }
     proxy
 }
@@ -620,23 +632,32 @@ pub fn sd_notify(state: &str) {
 }
 
 /// Reload: load every TLS listener's certificates again (all of them, before replacing any);
-/// any error leaves every listener with its current certificates.
+/// any error leaves every listener with its current certificates. ALPN and resumption
+/// settings are the listener's own until `tqproxy upgrade`: a change is reported, not applied.
 fn reload_certificates(
-    resolvers: &[(SocketAddr, Arc<SniResolver>)],
+    resolvers: &[(SocketAddr, Arc<SniResolver>, Negotiation)],
     config: &Config,
 ) -> Result<Vec<String>, String> {
     let mut stores = Vec::new();
-    for (addr, resolver) in resolvers {
-        let files = config.listeners.iter().find_map(|l| match &l.kind {
-            ListenerKind::Tls { certificates, .. } if l.addr == *addr => Some(certificates),
-            _ => None,
-        });
+    let mut lines = Vec::new();
+    for (addr, resolver, how) in resolvers {
+        let configured = config
+            .listeners
+            .iter()
+            .filter(|l| l.addr == *addr)
+            .find_map(|l| tls_listener(&l.kind));
         // A listener removed from the configuration keeps serving until `tqproxy upgrade`.
-        let Some(files) = files else { continue };
+        let Some((files, new_how)) = configured else {
+            continue;
+        };
         let store = CertStore::load(files).map_err(|e| format!("TLS listener {addr}: {e}"))?;
+        if new_how != *how {
+            lines.push(format!(
+                "warning: TLS {addr}: h2/session_cache/tickets changed; they apply at `tqproxy upgrade`"
+            ));
+        }
         stores.push((addr, resolver, store));
     }
-    let mut lines = Vec::new();
     for (addr, resolver, store) in stores {
         lines.push(format!("TLS {addr}: {}", store.summary.join("; ")));
         resolver.replace(store);

@@ -1,9 +1,25 @@
 //! TLS for the public listeners (rustls): certificates from PEM files, chosen by SNI, swapped
-//! on `tqproxy reload` without touching established connections.
+//! on `tqproxy reload` without touching established connections; session resumption; ALPN.
 //!
 //! Each TLS listener has one [`SniResolver`] holding an `ArcSwap` of a [`CertStore`]. A store
 //! is built completely (every file read, every key matched to its certificate) before it is
 //! published, so a reload with a broken certificate fails and the old certificates stay.
+//!
+//! Each TLS listener also has its own rustls [`ServerConfig`] ([`server_config`]), built once
+//! at start: TLS 1.2 and 1.3 only, the resolver, the ALPN list from `tls.h2`, and resumption —
+//! stateless tickets (rustls' ring `Ticketer`: AEAD keys rotated every 6 hours, the previous
+//! key still accepted) and a session cache of `tls.session_cache` entries (TLS 1.2 session ids;
+//! TLS 1.3 too when tickets are off). A reload swaps certificates only, so sessions made before
+//! it keep resuming after it; a new process (`tqproxy upgrade`) has new ticket keys and an empty
+//! cache, so its clients make one full handshake.
+//!
+//! pingora's listener builds a `ServerConfig` of its own from its `TlsSettings`, with no way to
+//! set the ticketer or the cache (pingora-core 0.9.1, `listeners/tls/rustls/mod.rs`; only its
+//! `Acceptor::from_server_config` takes ours). So TLS listeners are plain TCP listeners to
+//! pingora, and [`TlsFront`] — the service's app, in front of the HTTP engine — runs the
+//! handshake with that acceptor, then hands the TLS stream to the engine, which reads the
+//! ALPN result: `h2` to the HTTP/2 server, anything else (`http/1.1`, or none) to the HTTP/1.1
+//! engine.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,8 +27,19 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use arc_swap::ArcSwap;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::listeners::tls::Acceptor;
+use pingora::protocols::Stream;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::server::ShutdownWatch;
+use rustls::ServerConfig;
+use rustls::server::ServerSessionMemoryCache;
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 /// One certificate (chain) and its private key, as configured.
@@ -202,6 +229,143 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// How a TLS listener negotiates, besides its certificates (its `tls:` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiation {
+    /// Offer `h2` before `http/1.1` by ALPN.
+    pub h2: bool,
+    /// Sessions kept for resumption by id (0: none).
+    pub session_cache: usize,
+    /// Stateless session tickets.
+    pub tickets: bool,
+}
+
+impl Negotiation {
+    /// The ALPN protocols offered, in the server's order of preference. A client that offers
+    /// none of them is refused (rustls: `no_application_protocol`); one that offers no ALPN at
+    /// all gets HTTP/1.1.
+    pub fn alpn(&self) -> Vec<Vec<u8>> {
+        let mut alpn = Vec::new();
+        if self.h2 {
+            alpn.push(b"h2".to_vec());
+        }
+        alpn.push(b"http/1.1".to_vec());
+        alpn
+    }
+}
+
+/// The rustls configuration of one TLS listener: TLS 1.2 and 1.3 with ring's default suites
+/// (AEAD only, ECDHE only), certificates from `resolver`, ALPN and resumption as `how` says.
+pub fn server_config(
+    resolver: Arc<SniResolver>,
+    how: &Negotiation,
+) -> Result<Arc<ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = how.alpn();
+    config.session_storage = if how.session_cache > 0 {
+        ServerSessionMemoryCache::new(how.session_cache)
+    } else {
+        Arc::new(NoServerSessionStorage {})
+    };
+    if how.tickets {
+        config.ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| format!("session ticket keys: {e}"))?;
+    }
+    Ok(Arc::new(config))
+}
+
+/// The service's app in front of the HTTP engine `A`: on a connection accepted by a TLS
+/// listener, the TLS handshake (with that listener's [`server_config`]), bounded by
+/// `handshake_timeout`; then the engine gets the TLS stream. Connections of other listeners
+/// go to the engine untouched.
+pub struct TlsFront<A> {
+    inner: Arc<A>,
+    /// The TLS listeners' addresses (as configured: an unspecified IP matches any local IP
+    /// of that port) and acceptors.
+    listeners: Vec<(SocketAddr, Acceptor)>,
+    handshake_timeout: Duration,
+}
+
+impl<A> TlsFront<A> {
+    pub fn new(
+        inner: A,
+        listeners: Vec<(SocketAddr, Arc<ServerConfig>)>,
+        handshake_timeout: Duration,
+    ) -> TlsFront<A> {
+        TlsFront {
+            inner: Arc::new(inner),
+            listeners: listeners
+                .into_iter()
+                .map(|(addr, config)| (addr, Acceptor::from_server_config(config)))
+                .collect(),
+            handshake_timeout,
+        }
+    }
+
+    /// The acceptor of the TLS listener that accepted a connection with this local address.
+    fn acceptor(&self, local: SocketAddr) -> Option<&Acceptor> {
+        let exact = self.listeners.iter().find(|(a, _)| *a == local);
+        exact
+            .or_else(|| {
+                self.listeners
+                    .iter()
+                    .find(|(a, _)| a.ip().is_unspecified() && a.port() == local.port())
+            })
+            .map(|(_, acceptor)| acceptor)
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for TlsFront<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // Only a fresh TCP connection is ours to handshake: pingora hands a stream the engine
+        // returned (kept alive) back here, and that one is already TLS if it ever was.
+        let digest = stream.get_socket_digest();
+        let local = digest
+            .as_ref()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let acceptor = match local {
+            Some(local) if stream.as_any().is::<L4Stream>() => self.acceptor(local),
+            _ => None,
+        };
+        let Some(acceptor) = acceptor else {
+            return self.inner.process_new(stream, shutdown).await;
+        };
+        let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
+            return None; // checked above
+        };
+        let peer = digest.and_then(|d| d.peer_addr().cloned());
+        let tls = match tokio::time::timeout(self.handshake_timeout, acceptor.tls_handshake(*tcp))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            // A client that goes away or speaks no TLS is no news: debug, not pingora's error!.
+            Ok(Err(e)) => {
+                tracing::debug!(peer = ?peer, error = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!(peer = ?peer, "TLS handshake timed out");
+                return None;
+            }
+        };
+        self.inner.process_new(Box::new(tls), shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +414,68 @@ mod tests {
             vec!["a.example.test"]
         );
         assert_eq!(name_of(store.pick(None)), vec!["a.example.test"]);
+    }
+
+    #[test]
+    fn the_server_config_follows_the_listener() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write_cert(d.path(), "a", &["a.test"]);
+        let resolver = Arc::new(SniResolver::new(CertStore::load(&[a]).unwrap()));
+        let on = Negotiation {
+            h2: true,
+            session_cache: 100,
+            tickets: true,
+        };
+        let c = server_config(resolver.clone(), &on).unwrap();
+        assert_eq!(c.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert!(c.ticketer.enabled());
+        assert!(c.session_storage.can_cache());
+        let off = Negotiation {
+            h2: false,
+            session_cache: 0,
+            tickets: false,
+        };
+        let c = server_config(resolver, &off).unwrap();
+        assert_eq!(c.alpn_protocols, [b"http/1.1".to_vec()]);
+        assert!(!c.ticketer.enabled());
+        assert!(!c.session_storage.can_cache());
+    }
+
+    #[test]
+    fn a_connection_gets_the_acceptor_of_its_listener() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write_cert(d.path(), "a", &["a.test"]);
+        let resolver = Arc::new(SniResolver::new(CertStore::load(&[a]).unwrap()));
+        let how = Negotiation {
+            h2: true,
+            session_cache: 1,
+            tickets: false,
+        };
+        let config = server_config(resolver, &how).unwrap();
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let front = TlsFront::new(
+            (),
+            vec![
+                (addr("127.0.0.1:8443"), config.clone()),
+                (addr("0.0.0.0:9443"), config.clone()),
+                (addr("[::]:10443"), config),
+            ],
+            Duration::from_secs(1),
+        );
+        let which = |local: &str| {
+            front.acceptor(addr(local)).map(|a| {
+                front
+                    .listeners
+                    .iter()
+                    .position(|(_, b)| std::ptr::eq(a, b))
+                    .unwrap()
+            })
+        };
+        assert_eq!(which("127.0.0.1:8443"), Some(0));
+        assert_eq!(which("127.0.0.2:8443"), None, "another IP, same port");
+        assert_eq!(which("10.1.2.3:9443"), Some(1), "an unspecified IP: any");
+        assert_eq!(which("[::ffff:127.0.0.1]:10443"), Some(2));
+        assert_eq!(which("127.0.0.1:8080"), None, "a plain listener");
     }
 
     #[test]

@@ -222,6 +222,12 @@ fn listener_kind(
     })
 }
 
+/// `tls.session_cache` when it is not set: nginx's `shared:SSL:10m` holds about 40 000.
+const DEFAULT_TLS_SESSION_CACHE: usize = 20_000;
+/// A bound on `tls.session_cache` (rustls allocates the map as sessions arrive, up to it: a
+/// few hundred bytes each).
+const MAX_TLS_SESSION_CACHE: usize = 10_000_000;
+
 /// `listen[i].tls`: the certificates (`cert`/`key` first, then `certificates`), loaded once
 /// to check them.
 fn tls(
@@ -265,9 +271,20 @@ fn tls(
     } else if let Err(e) = crate::tls::CertStore::load(&certificates) {
         errors.push(ctx.err(&["listen", "tls"], None, format!("{key}.tls"), e));
     }
+    let session_cache = t.session_cache.unwrap_or(DEFAULT_TLS_SESSION_CACHE);
+    if session_cache > MAX_TLS_SESSION_CACHE {
+        errors.push(ctx.err(
+            &["listen", "tls", "session_cache"],
+            None,
+            format!("{key}.tls.session_cache"),
+            format!("at most {MAX_TLS_SESSION_CACHE} sessions (0 keeps none)"),
+        ));
+    }
     ListenerKind::Tls {
         certificates,
         h2: t.h2.unwrap_or(true),
+        session_cache,
+        tickets: t.tickets.unwrap_or(true),
     }
 }
 

@@ -185,8 +185,13 @@ pub enum ListenerKind {
     Tls {
         /// `tls.cert` + `tls.key`, then `tls.certificates`: at least one is required.
         certificates: Vec<crate::tls::CertFiles>,
-        /// `tls.h2`: offer HTTP/2 by ALPN (default true).
+        /// `tls.h2`: the ALPN offered is `h2, http/1.1` (default true), else `http/1.1` only.
         h2: bool,
+        /// `tls.session_cache`: sessions kept for resumption by session id (TLS 1.2) and by
+        /// ticket id when tickets are off (default 20000; 0 keeps none).
+        session_cache: usize,
+        /// `tls.tickets`: stateless session tickets, keys rotated every 6 hours (default true).
+        tickets: bool,
     },
     /// Answers every request with a redirect to `https://<host>:<port>` (port 443 omitted).
     RedirectHttps {
@@ -242,7 +247,8 @@ pub struct ProxySettings {
     pub upstream_idle_timeout: Duration,
     /// Attempts per request, first included (default 3; 0 counts as 1).
     pub max_retries: usize,
-    /// The whole request head must arrive within this (default 10s), else 408 and close.
+    /// The whole request head must arrive within this (default 10s), else 408 and close; a TLS
+    /// handshake too (then the connection is closed).
     pub client_header_timeout: Duration,
     /// How long an idle client connection is kept between requests (default 60s).
     pub client_keepalive_timeout: Duration,

@@ -105,6 +105,8 @@ pub(super) struct RawTls {
     #[serde(default)]
     pub(super) certificates: Vec<RawCert>,
     pub(super) h2: Option<bool>,
+    pub(super) session_cache: Option<usize>,
+    pub(super) tickets: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -260,6 +260,18 @@ fn global_errors_name_file_line_and_key() {
             "listen: [\"127.0.0.1:18080\"]\nproxy:\n  client_keepalive: 5s\n",
             "conf/tqproxy.yaml:3: proxy.client_keepalive: unknown field `client_keepalive`",
         ),
+        (
+            "listen:\n  - addr: \"127.0.0.1:18443\"\n    tls:\n      cert: a.pem\n      key: a.key\n      session_cache: 20000000\n",
+            "conf/tqproxy.yaml:6: listen[0].tls.session_cache: at most 10000000 sessions (0 keeps none)",
+        ),
+        (
+            "listen:\n  - addr: \"127.0.0.1:18443\"\n    tls:\n      cert: a.pem\n      key: a.key\n      session_cache: -1\n",
+            "conf/tqproxy.yaml:6: listen[0].tls.session_cache: invalid type: integer `-1`, expected usize",
+        ),
+        (
+            "listen:\n  - addr: \"127.0.0.1:18443\"\n    tls:\n      cert: a.pem\n      key: a.key\n      tickets: sometimes\n",
+            "conf/tqproxy.yaml:6: listen[0].tls.tickets: invalid type: string \"sometimes\", expected a boolean",
+        ),
     ];
     let mut failures = Vec::new();
     for (yaml, expected) in cases {

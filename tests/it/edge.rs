@@ -36,6 +36,11 @@ fn tls_env(extra_global: &str) -> (Env, u16, u16) {
 
 /// [`tls_env`] with these workers.
 pub(crate) fn tls_env_with(workers: &[WorkerDef], extra_global: &str) -> (Env, u16, u16) {
+    tls_env_opts(workers, "", extra_global)
+}
+
+/// [`tls_env_with`] with more keys for the TLS listener's `tls:` (lines indented by 6).
+fn tls_env_opts(workers: &[WorkerDef], tls_extra: &str, extra_global: &str) -> (Env, u16, u16) {
     let mut env = Env::new(workers);
     // The extra listeners take the top two ports of the env's block, out of the worker pool.
     let (tls_port, redirect_port) = (env.ports.1, env.ports.1 - 1);
@@ -44,7 +49,7 @@ pub(crate) fn tls_env_with(workers: &[WorkerDef], extra_global: &str) -> (Env, u
     cert(&tls_dir, "a", &["a.test"]);
     cert(&tls_dir, "b", &["b.test", "*.b.test"]);
     let global = format!(
-        "listen:\n  - \"{}\"\n  - {{ addr: \"127.0.0.1:{redirect_port}\", redirect_https: {tls_port} }}\n  - addr: \"127.0.0.1:{tls_port}\"\n    tls:\n      certificates:\n        - {{ cert: tls/a.pem, key: tls/a.key }}\n        - {{ cert: tls/b.pem, key: tls/b.key }}\nports: \"{}-{}\"\nproxy: {{ threads: 1 }}\ncgroups: {{ base: tqproxy-it }}\ncontrol: {{ admin: off }}\n{extra_global}",
+        "listen:\n  - \"{}\"\n  - {{ addr: \"127.0.0.1:{redirect_port}\", redirect_https: {tls_port} }}\n  - addr: \"127.0.0.1:{tls_port}\"\n    tls:\n      certificates:\n        - {{ cert: tls/a.pem, key: tls/a.key }}\n        - {{ cert: tls/b.pem, key: tls/b.key }}\n{tls_extra}ports: \"{}-{}\"\nproxy: {{ threads: 1 }}\ncgroups: {{ base: tqproxy-it }}\ncontrol: {{ admin: off }}\n{extra_global}",
         env.listen,
         env.ports.0,
         env.ports.1 - 2,
@@ -253,6 +258,169 @@ fn certificates_reload_and_a_broken_one_changes_nothing() {
     assert_eq!(served_cert(tls, "new.a.test"), "CN=a2");
     assert_eq!(served_cert(tls, "a.test"), "CN=a2");
     assert_eq!(env.pid(), pid);
+}
+
+/// One `openssl s_client` connection to the TLS listener (TLS `version`: "1.2" or "1.3"), with
+/// one `GET /` that asks the server to close, so that the client reads to the end (TLS 1.3
+/// tickets come after the handshake); the session is saved to `out` and, with `resume`, offered
+/// from that file. Returns s_client's verdict: "Reused" or "New", and the HTTP status line.
+fn s_client(port: u16, version: &str, extra: &[&str], resume: Option<&Path>, out: &Path) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", "a.test", "-ign_eof", "-sess_out"])
+        .arg(out)
+        .arg(if version == "1.3" {
+            "-tls1_3"
+        } else {
+            "-tls1_2"
+        })
+        .args(extra);
+    if let Some(f) = resume {
+        cmd.arg("-sess_in").arg(f);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let o = wait_output(child, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let verdict = text
+        .lines()
+        .find_map(|l| {
+            l.starts_with("Reused,")
+                .then_some("Reused")
+                .or(l.starts_with("New,").then_some("New"))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no session verdict from s_client:\n{text}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+    let status = text
+        .lines()
+        .find(|l| l.starts_with("HTTP/1.1 "))
+        .unwrap_or("no response");
+    format!("{verdict} {}", status.trim())
+}
+
+/// Waits for a child up to `limit` (killing it then), and collects its output.
+fn wait_output(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn tls_sessions_resume_and_survive_a_certificate_reload() {
+    let (env, tls, _) = tls_env("");
+    let dir = env.dir.path();
+    // With h2 offered, a client that asks for http/1.1 by ALPN gets it.
+    let (out, err) = curl(&[
+        "-k",
+        "-v",
+        "--http1.1",
+        "-w",
+        "\n%{http_version} %{http_code}",
+        "--resolve",
+        &format!("a.test:{tls}:127.0.0.1"),
+        &format!("https://a.test:{tls}/"),
+    ]);
+    assert!(out.ends_with("\n1.1 200"), "{out}");
+    assert!(err.contains("ALPN: server accepted http/1.1"), "{err}");
+    // (version, s_client options): a TLS 1.3 ticket, a TLS 1.2 ticket, a TLS 1.2 session id
+    // (the session cache).
+    let kinds: [(&str, &[&str]); 3] = [("1.3", &[]), ("1.2", &[]), ("1.2", &["-no_ticket"])];
+    let sessions: Vec<PathBuf> = (0..kinds.len())
+        .map(|i| dir.join(format!("session-{i}")))
+        .collect();
+    for ((version, extra), file) in kinds.iter().zip(&sessions) {
+        let first = s_client(tls, version, extra, None, file);
+        assert_eq!(first, "New HTTP/1.1 200 OK", "TLS {version} {extra:?}");
+        let again = s_client(tls, version, extra, Some(file), &dir.join("unused"));
+        assert_eq!(again, "Reused HTTP/1.1 200 OK", "TLS {version} {extra:?}");
+    }
+    // A certificate reload swaps certificates only: the sessions made before it resume after
+    // it (ticket keys and cache are the listener's), and new handshakes get the new certificate.
+    let tls_dir = dir.join("conf/tls");
+    let (pem, key) = cert(&tls_dir, "a2", &["a.test"]);
+    std::fs::rename(pem, tls_dir.join("a.pem")).unwrap();
+    std::fs::rename(key, tls_dir.join("a.key")).unwrap();
+    env.ok(&["reload"]);
+    assert_eq!(served_cert(tls, "a.test"), "CN=a2");
+    for ((version, extra), file) in kinds.iter().zip(&sessions) {
+        let again = s_client(tls, version, extra, Some(file), &dir.join("unused"));
+        assert_eq!(
+            again, "Reused HTTP/1.1 200 OK",
+            "TLS {version} {extra:?} after reload"
+        );
+    }
+}
+
+#[test]
+fn tls_settings_alpn_without_h2_and_no_resumption() {
+    let (env, tls, _) = tls_env_opts(
+        &[WorkerDef::backend("w", "[\"/\"]", 1, "")],
+        "      h2: false\n      tickets: false\n      session_cache: 0\n",
+        "",
+    );
+    let dir = env.dir.path();
+    // h2: false offers http/1.1 only: a client asking for HTTP/2 gets HTTP/1.1, served by the
+    // HTTP/1.1 engine.
+    let (out, err) = curl(&[
+        "-k",
+        "-v",
+        "--http2",
+        "-w",
+        "\n%{http_version} %{http_code}",
+        "--resolve",
+        &format!("a.test:{tls}:127.0.0.1"),
+        &format!("https://a.test:{tls}/echo-headers"),
+    ]);
+    assert!(out.ends_with("\n1.1 200"), "{out}");
+    assert!(err.contains("ALPN: server accepted http/1.1"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.rsplit_once('\n').unwrap().0).unwrap();
+    assert_eq!(v["x-forwarded-proto"], "https");
+    // No tickets and no cache: every connection is a full handshake. The server hands out
+    // nothing to resume with (no ticket, an empty TLS 1.2 session id), so s_client (OpenSSL 3.0)
+    // saves no session at all; should a client have one anyway, it is not resumed.
+    let kinds: [(&str, &[&str]); 3] = [("1.3", &[]), ("1.2", &[]), ("1.2", &["-no_ticket"])];
+    for (i, (version, extra)) in kinds.into_iter().enumerate() {
+        let file = dir.join(format!("session-{i}"));
+        assert_eq!(
+            s_client(tls, version, extra, None, &file),
+            "New HTTP/1.1 200 OK"
+        );
+        if file.exists() {
+            assert_eq!(
+                s_client(tls, version, extra, Some(&file), &dir.join("unused")),
+                "New HTTP/1.1 200 OK",
+                "TLS {version} {extra:?} resumed with tickets and the cache off"
+            );
+        }
+    }
+    // These settings are the listener's until `tqproxy upgrade`: a reload says so.
+    let conf = std::fs::read_to_string(env.conf()).unwrap();
+    std::fs::write(env.conf(), conf.replace("h2: false", "h2: true")).unwrap();
+    let out = env.ok(&["reload"]);
+    assert!(
+        out.contains("changed; they apply at `tqproxy upgrade`"),
+        "{out}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
