@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian machine lacks to build (and, with --test, to test) tqproxy.
+# Installs what a fresh Debian machine lacks to build (and, with --test, to test; with --bench, to run
+# load-tests/bench and idle-conns) tqproxy.
 # Idempotent: only missing packages are installed. Needs root (or sudo) for apt-get.
 set -euo pipefail
 
@@ -8,6 +9,22 @@ command -v cmake >/dev/null 2>&1 || want+=(cmake)          # pingora-core builds
 command -v python3 >/dev/null 2>&1 || want+=(python3)      # the py example worker
 if [[ "${1:-}" == "--test" ]]; then
   command -v chromium >/dev/null 2>&1 || want+=(chromium)  # the status page test runs a real browser
+  command -v curl >/dev/null 2>&1 || want+=(curl)          # the edge tests' HTTP/2 and TLS client
+  command -v openssl >/dev/null 2>&1 || want+=(openssl)    # s_client: the TLS session resumption tests
+fi
+if [[ "${1:-}" == "--bench" ]]; then                       # load-tests/bench and idle-conns (they also do this)
+  command -v wrk >/dev/null 2>&1 || want+=(wrk)
+  command -v h2load >/dev/null 2>&1 || want+=(nghttp2-client)  # h2load: the HTTP/2 and TLS scenarios
+  command -v openssl >/dev/null 2>&1 || want+=(openssl)
+  [[ -x /usr/sbin/haproxy ]] || want+=(haproxy)
+  # Debian's nginx has the http2 and ssl modules; keep Debian from starting it on :80 (policy-rc.d).
+  if [[ ! -x /usr/sbin/nginx ]]; then
+    want+=(nginx)
+    if [[ $(id -u) -eq 0 && ! -e /usr/sbin/policy-rc.d ]]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+  fi
 fi
 if ((${#want[@]})); then
   echo "installing: ${want[*]}" >&2
