@@ -118,6 +118,9 @@ pub struct InstanceStatus {
     pub cpu_seconds: Option<f64>,
     pub last_exit: Option<String>,
     pub cgroup: Option<String>,
+    /// The last `STATUS=` the instance sent (`ready: notify`).
+    #[serde(default)]
+    pub status: Option<String>,
 }
 
 /// The machine-readable half of an error, sent over the control socket next to the message
@@ -480,6 +483,14 @@ impl StatusReport {
                 if let Some(socket) = &i.socket {
                     out.push_str(&format!("  {:>4} {:>7} socket {socket}\n", "", ""));
                 }
+                if let Some(status) = &i.status {
+                    out.push_str(&format!(
+                        "  {:>4} {:>7} status {}\n",
+                        "",
+                        "",
+                        one_line(status, 100)
+                    ));
+                }
             }
         }
         out
@@ -509,6 +520,7 @@ mod tests {
             cpu_seconds: up.then_some(1.5),
             last_exit: last_exit.map(String::from),
             cgroup: None,
+            status: None,
         }
     }
 

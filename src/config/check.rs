@@ -19,6 +19,12 @@ pub fn check_worker(config: &Config, w: &WorkerConfig) -> Result<(), String> {
         unix_socket_paths_fit(&config.run_dir, &w.name)
             .map_err(|e| format!("transport: unix: {e}"))?;
     }
+    if w.ready == Ready::Notify {
+        // `<run_dir>/notify/<pid>/<worker>.<id>.<epoch>.sock`: one byte shorter than the
+        // sockets of `transport: unix`, so the same bound holds.
+        unix_socket_paths_fit(&config.run_dir, &w.name)
+            .map_err(|e| format!("ready: notify: {e}"))?;
+    }
     if w.resources.needs_cgroup() {
         cgroups_available(&config.cgroups, &w.resources)?;
     }

@@ -136,6 +136,17 @@ impl fmt::Display for Strategy {
     }
 }
 
+/// When a starting instance counts as ready (`ready:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ready {
+    /// Its health path answers 2xx (without one: its port accepts), polled (the default).
+    #[default]
+    Health,
+    /// It sends `READY=1` on the `NOTIFY_SOCKET` tqproxy gives it (systemd's sd_notify).
+    Notify,
+}
+
 /// How the proxy reaches a worker's instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -572,6 +583,11 @@ pub struct WorkerConfig {
     pub env: BTreeMap<String, String>,
     /// `health` (each field's default on it).
     pub health: HealthConfig,
+    /// `ready`: the health poll (default) or `notify` (`READY=1` on `NOTIFY_SOCKET`).
+    pub ready: Ready,
+    /// `watchdog` (needs `ready: notify`; default none): an instance that sends no
+    /// `WATCHDOG=1` for this long once ready is replaced. At least 10ms, at most 1h.
+    pub watchdog: Option<Duration>,
     /// `deploy` (each field's default on it).
     pub deploy: DeployConfig,
     /// In-flight requests get this long before an instance is stopped (default: the global
@@ -811,6 +827,8 @@ mod tests {
                 timeout: Duration::from_millis(500),
                 unhealthy_after: 3,
             },
+            ready: Ready::Health,
+            watchdog: None,
             deploy: DeployConfig {
                 strategy: Strategy::Rolling,
                 max_surge: 1,

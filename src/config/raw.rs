@@ -221,6 +221,8 @@ pub(super) struct RawWorker {
     pub(super) env: BTreeMap<String, String>,
     #[serde(default)]
     pub(super) health: RawHealth,
+    pub(super) ready: Option<super::Ready>,
+    pub(super) watchdog: Option<HumanDuration>,
     #[serde(default)]
     pub(super) deploy: RawDeploy,
     pub(super) drain_timeout: Option<HumanDuration>,

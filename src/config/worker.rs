@@ -85,6 +85,7 @@ fn worker_from_text(
     // Without a health path, readiness is the port accepting, in a network namespace too:
     // tqproxy owns the listening socket and probes it.
     let health = health(&raw.health, &ctx, &mut errors);
+    let (ready, watchdog) = readiness(raw.ready, raw.watchdog, &ctx, &mut errors);
     let deploy = deploy(&raw.deploy, &ctx, &mut errors);
     let restart = restart(&raw.restart, &ctx, &mut errors);
     let resources = worker_resources(&raw.resources, dir, &ctx, &mut errors);
@@ -109,6 +110,8 @@ fn worker_from_text(
         instances,
         env,
         health,
+        ready,
+        watchdog,
         deploy,
         drain_timeout: raw.drain_timeout.map_or(defaults.drain_timeout, |x| x.0),
         stop_timeout: raw.stop_timeout.map_or(defaults.stop_timeout, |x| x.0),
@@ -464,6 +467,30 @@ fn keep_own_files_out_of_private_tmp(
     }
 }
 
+/// `ready` and `watchdog`: the watchdog is kept through the notify socket, so it needs
+/// `ready: notify`.
+fn readiness(
+    ready: Option<Ready>,
+    watchdog: Option<HumanDuration>,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> (Ready, Option<Duration>) {
+    let ready = ready.unwrap_or_default();
+    let watchdog = watchdog.map(|w| w.0);
+    if let Some(w) = watchdog {
+        let mut bad = |m: String| errors.push(ctx.err(&["watchdog"], None, "watchdog", m));
+        if ready != Ready::Notify {
+            bad(
+                "needs `ready: notify` (the instance sends WATCHDOG=1 on its NOTIFY_SOCKET)".into(),
+            );
+        }
+        if w < Duration::from_millis(10) || w > Duration::from_secs(3600) {
+            bad("must be between 10ms and 1h".into());
+        }
+    }
+    (ready, watchdog)
+}
+
 /// `build`: the command `run --watch` runs before a deploy.
 fn build(
     raw: Option<&RawBuild>,
@@ -512,6 +539,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "WORKER_GENERATION",
     "LISTEN_FDS",
     "LISTEN_PID",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
 ];
 
 pub(super) fn worker_resources(

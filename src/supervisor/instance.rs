@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 use super::Msg;
 use super::health;
 use super::logs::{Tail, WorkerLog};
-use crate::config::WorkerConfig;
+use super::notify::{self, Message, NotifySocket, Received};
+use crate::config::{Ready, WorkerConfig};
 use crate::sandbox::cgroup::InstanceCgroup;
 use crate::sandbox::{HELPER_FAILED, SpawnIo, SpawnSpec, Spawner};
 
@@ -41,6 +42,9 @@ pub struct Launch {
     pub tail: Tail,
     /// Monotonic per instance record: facts of an older process of the same slot are ignored.
     pub epoch: u64,
+    /// With `ready: notify`: the socket bound for this process (its path is `NOTIFY_SOCKET`
+    /// in `spec`).
+    pub notify: Option<NotifySocket>,
 }
 
 /// Spawns the process (synchronously, on the caller's thread: that thread is the parent for
@@ -96,7 +100,26 @@ pub fn launch(
         epoch: l.epoch,
     };
     report.send(Fact::Spawned { pid });
+    let notify_path = l.notify.as_ref().map(|s| s.path.clone());
+    let notify = match l.notify.map(|s| s.into_receiver(pid)) {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            // The instance is started; without its socket it will not be ready in time,
+            // and the start timeout says so.
+            l.log.event(
+                l.id,
+                &format!("notify socket unusable: {e}; READY=1 cannot arrive"),
+            );
+            None
+        }
+    };
     let monitor = Monitor {
+        notify,
+        notify_path,
+        status: None,
+        ignored: Vec::new(),
+        watchdog_at: None,
         pumps,
         target: l.target,
         config: l.config,
@@ -130,6 +153,16 @@ impl Reporter {
 }
 
 struct Monitor {
+    /// `ready: notify`: the instance's notify socket.
+    notify: Option<notify::Receiver>,
+    /// Its file, removed when the process is gone.
+    notify_path: Option<std::path::PathBuf>,
+    /// The last `STATUS=` reported.
+    status: Option<String>,
+    /// Ignored keys already logged once (at most [`MAX_IGNORED_LOGGED`]).
+    ignored: Vec<String>,
+    /// `watchdog:` once ready: when the next `WATCHDOG=1` is due.
+    watchdog_at: Option<tokio::time::Instant>,
     /// The tasks copying the instance's stdout/stderr into its log.
     pumps: Vec<tokio::task::JoinHandle<()>>,
     target: health::Target,
@@ -142,6 +175,9 @@ struct Monitor {
     report: Reporter,
 }
 
+/// Distinct ignored keys logged per instance (the protocol has fewer).
+const MAX_IGNORED_LOGGED: usize = 16;
+
 enum Phase {
     Starting { since: Instant },
     Live { failures: u32, reported: bool },
@@ -150,7 +186,8 @@ enum Phase {
 
 impl Monitor {
     async fn run(mut self, mut child: Child, mut ctl: mpsc::UnboundedReceiver<Ctl>) {
-        let health = &self.config.health;
+        let config = self.config.clone();
+        let health = &config.health;
         let mut phase = Phase::Starting {
             since: Instant::now(),
         };
@@ -160,13 +197,34 @@ impl Monitor {
         let mut next_check = tokio::time::Instant::now() + poll;
         let mut kill_deadline: Option<tokio::time::Instant> = None;
         let start_deadline = tokio::time::Instant::now() + self.config.start_timeout;
+        let notify_ready = self.config.ready == Ready::Notify;
+        if notify_ready {
+            // No poll: the start timeout is the only check before READY=1.
+            next_check = start_deadline;
+        }
         let status = loop {
             let check_at = match phase {
                 Phase::Stopping => kill_deadline.unwrap_or_else(far_future),
                 _ => next_check,
             };
+            let watchdog_at = match phase {
+                Phase::Live {
+                    reported: false, ..
+                } => self.watchdog_at.unwrap_or_else(far_future),
+                _ => far_future(),
+            };
             tokio::select! {
                 st = child.wait() => break st,
+                got = recv(&mut self.notify) => self.on_notify(got, &mut phase, &mut next_check),
+                _ = tokio::time::sleep_until(watchdog_at) => {
+                    if let (Some(wd), Phase::Live { reported, .. }) = (self.config.watchdog, &mut phase) {
+                        *reported = true;
+                        self.watchdog_at = None;
+                        self.report.send(Fact::Unhealthy {
+                            reason: format!("no WATCHDOG=1 for {}", humantime::format_duration(wd)),
+                        });
+                    }
+                }
                 cmd = ctl.recv() => match cmd {
                     Some(Ctl::Stop { timeout }) => {
                         if !matches!(phase, Phase::Stopping) {
@@ -192,6 +250,16 @@ impl Monitor {
                         self.log.event(self.id, "did not exit after SIGTERM: killing the process tree");
                         self.kill_tree();
                         kill_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+                    }
+                    Phase::Starting { .. } if notify_ready => {
+                        let reason = format!(
+                            "no READY=1 on NOTIFY_SOCKET within {}{}",
+                            humantime::format_duration(self.config.start_timeout),
+                            self.last_output()
+                        );
+                        self.report.send(Fact::StartFailed { reason });
+                        phase = Phase::Live { failures: 0, reported: true };
+                        next_check = far_future();
                     }
                     Phase::Starting { since } => {
                         match health::probe(&self.target, health.path.as_deref(), health.timeout.min(Duration::from_secs(2))).await {
@@ -237,6 +305,11 @@ impl Monitor {
             }
         };
         let was_starting = matches!(phase, Phase::Starting { .. });
+        // Its notify socket goes with it.
+        self.notify = None;
+        if let Some(p) = self.notify_path.take() {
+            notify::remove(&p);
+        }
         // The main process is gone; whatever it left behind goes too.
         self.kill_tree();
         let oom_kills = self
@@ -288,6 +361,115 @@ impl Monitor {
         });
     }
 
+    /// What a notify datagram says, acted on in order.
+    fn on_notify(
+        &mut self,
+        got: Received,
+        phase: &mut Phase,
+        next_check: &mut tokio::time::Instant,
+    ) {
+        let parsed = match got {
+            Received::Dropped(why) => {
+                self.log_bad(&why);
+                return;
+            }
+            Received::Datagram(p) => p,
+        };
+        for problem in &parsed.problems {
+            self.log_bad(problem);
+        }
+        for m in parsed.messages {
+            match m {
+                Message::Ready => {
+                    if let Phase::Starting { since } = phase {
+                        self.report.send(Fact::Ready {
+                            after: since.elapsed(),
+                        });
+                        *phase = Phase::Live {
+                            failures: 0,
+                            reported: false,
+                        };
+                        *next_check = tokio::time::Instant::now() + self.config.health.interval;
+                        self.watchdog_at = self
+                            .config
+                            .watchdog
+                            .map(|w| tokio::time::Instant::now() + w);
+                    }
+                }
+                Message::Watchdog => {
+                    if let (Some(w), Phase::Live { .. }) = (self.config.watchdog, &*phase) {
+                        self.watchdog_at = Some(tokio::time::Instant::now() + w);
+                    }
+                }
+                Message::WatchdogTrigger => {
+                    if let Phase::Live {
+                        reported: reported @ false,
+                        ..
+                    } = phase
+                    {
+                        *reported = true;
+                        self.report.send(Fact::Unhealthy {
+                            reason: "it sent WATCHDOG=trigger".into(),
+                        });
+                    }
+                }
+                Message::Stopping => match phase {
+                    Phase::Starting { .. } => {
+                        self.report.send(Fact::StartFailed {
+                            reason: "it sent STOPPING=1 before READY=1".into(),
+                        });
+                        *phase = Phase::Live {
+                            failures: 0,
+                            reported: true,
+                        };
+                        *next_check = far_future();
+                    }
+                    Phase::Live {
+                        reported: reported @ false,
+                        ..
+                    } => {
+                        // It is going down on its own: out of the route table at once and
+                        // replaced, as an unhealthy report does (its SIGTERM is graceful).
+                        *reported = true;
+                        self.report.send(Fact::Unhealthy {
+                            reason: "it sent STOPPING=1".into(),
+                        });
+                    }
+                    _ => {}
+                },
+                Message::Status(text) => {
+                    if self.status.as_deref() != Some(text.as_str()) {
+                        self.status = Some(text.clone());
+                        self.report.send(Fact::Status { text });
+                    }
+                }
+                Message::Ignored(key) => {
+                    if self.ignored.len() < MAX_IGNORED_LOGGED && !self.ignored.contains(&key) {
+                        self.log.event(
+                            self.id,
+                            &format!("notify: {key}= is not supported: ignored (logged once)"),
+                        );
+                        self.ignored.push(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A line about bad notify input, in the worker's log and tqproxy's (rate-limited).
+    fn log_bad(&mut self, what: &str) {
+        let Some(n) = self.notify.as_mut().and_then(|r| r.may_log()) else {
+            return;
+        };
+        let more = if n > 0 {
+            format!(" ({n} more not logged)")
+        } else {
+            String::new()
+        };
+        tracing::warn!(worker = %self.report.worker, instance = self.id, problem = %what, "notify socket: bad input{more}");
+        self.log.event(self.id, &format!("notify: {what}{more}"));
+    }
+
     fn last_output(&self) -> String {
         let lines = self.tail.last(3);
         if lines.is_empty() {
@@ -312,6 +494,14 @@ impl Monitor {
                 }
             });
         }
+    }
+}
+
+/// The next datagram of the notify socket; never, without one.
+async fn recv(r: &mut Option<notify::Receiver>) -> Received {
+    match r {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -162,6 +162,8 @@ pub struct Record {
     pub started_at: Instant,
     pub ready_at: Option<Instant>,
     pub last_exit: Option<String>,
+    /// The last `STATUS=` this process sent on its notify socket (`ready: notify`).
+    pub status: Option<String>,
 }
 
 /// Blue/green: the previous generation kept for rollback.
@@ -233,6 +235,10 @@ pub enum Event {
     /// The driver could not start the process of a restart (no port, no cgroup, spawn failed).
     SpawnFailed {
         reason: String,
+    },
+    /// It sent `STATUS=<text>` on its notify socket: shown in `status`, nothing else.
+    Status {
+        text: String,
     },
 }
 
@@ -443,6 +449,7 @@ impl Records {
                 started_at: now,
                 ready_at: None,
                 last_exit: None,
+                status: None,
             },
         );
         Ok((
@@ -710,6 +717,7 @@ impl Records {
                 };
                 r.started_at = now;
                 r.ready_at = None;
+                r.status = None;
                 fx.push(Effect::Spawn {
                     worker: wk(),
                     id,
@@ -717,6 +725,7 @@ impl Records {
                     first: false,
                 });
             }
+            Event::Status { text } => r.status = Some(text),
             Event::SpawnFailed { reason } => {
                 if !matches!(r.state, InstanceState::Starting { .. }) {
                     return fx;

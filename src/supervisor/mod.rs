@@ -24,6 +24,7 @@ pub mod health;
 pub mod instance;
 pub mod lifecycle;
 pub mod logs;
+pub mod notify;
 mod owner;
 pub mod ports;
 pub mod sockets;

@@ -27,9 +27,10 @@ use super::health::Target;
 use super::instance::{self, Launch};
 use super::lifecycle::{self, Effect, Event, InstanceState, Level, OnReady, Records, Timer};
 use super::logs::{Tail, WorkerLog};
+use super::notify;
 use super::ports::PortPool;
 use super::sockets;
-use super::spec::{build_spec, cgroup_limits, prepare_dirs, setup_cgroups};
+use super::spec::{build_spec, cgroup_limits, prepare_dirs, setup_cgroups, with_notify};
 use super::stats::ProcStats;
 use super::status::{
     CanaryStatus, GenerationStatus, InstanceStatus, Outcome, StandbyStatus, StatusReport,
@@ -812,15 +813,34 @@ impl Owner {
             }
             None => None,
         };
-        let spec = build_spec(
+        // `ready: notify`: its datagram socket, reachable from inside its sandbox.
+        let notify = match notify::bind_for(&config, &run_dir, id, epoch) {
+            Ok(n) => n,
+            Err(e) => {
+                release(&mut self.ports);
+                if let Some(cg) = &cgroup {
+                    let _ = cg.remove();
+                }
+                return Err(e);
+            }
+        };
+        let notify_path = notify.as_ref().map(|n| n.path.clone());
+        if notify.is_some() {
+            self.socket_dirs
+                .insert(notify::process_dir(&run_dir, std::process::id()));
+        }
+        let mut spec = build_spec(
             &config,
             id,
             generation,
             port,
             cgroup.as_deref(),
             &others,
-            &[run_dir, conf_dir, logs_dir],
+            &[run_dir.clone(), conf_dir, logs_dir],
         );
+        if let Some(p) = &notify_path {
+            with_notify(&mut spec, &config, p, &run_dir);
+        }
         // A unix instance has no address of its own: port 0 stands for "none" in the access
         // log; the proxy connects to `unix_path`.
         let mut shared = Instance::new(
@@ -843,6 +863,7 @@ impl Owner {
             log,
             tail: tail.clone(),
             epoch,
+            notify,
         };
         match self.env.launcher.launch(launch, tx) {
             Ok(ctl) => {
@@ -865,6 +886,9 @@ impl Owner {
                 release(&mut self.ports);
                 if let Some(cg) = cgroup {
                     let _ = cg.remove();
+                }
+                if let Some(p) = &notify_path {
+                    notify::remove(p);
                 }
                 Err(e)
             }
@@ -1024,6 +1048,7 @@ impl Owner {
                             cgroup: run
                                 .and_then(|x| x.cgroup.as_ref())
                                 .map(|c| c.path().display().to_string()),
+                            status: r.status.clone(),
                         }
                     })
                     .collect();
@@ -1121,5 +1146,6 @@ impl Owner {
         }
     }
 }
+
 #[cfg(test)]
 mod tests;

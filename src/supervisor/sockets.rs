@@ -108,11 +108,18 @@ pub fn remove_dir(dir: &Path) {
 }
 
 /// Removes the sockets directories of tqproxy processes that no longer run (a `kill -9`
-/// leaves one behind); returns what was removed. The directory of a live process (the old
-/// tqproxy during an upgrade) and anything not named by a pid are left alone.
+/// leaves one behind), those of `transport: unix` and those of `ready: notify`
+/// (`<run_dir>/notify/<pid>`); returns what was removed. The directory of a live process (the
+/// old tqproxy during an upgrade) and anything not named by a pid are left alone.
 pub fn cleanup_stale(run_dir: &Path, own_pid: u32) -> Vec<PathBuf> {
+    let mut removed = cleanup_stale_in(&base_dir(run_dir), own_pid);
+    removed.extend(cleanup_stale_in(&super::notify::base_dir(run_dir), own_pid));
+    removed
+}
+
+fn cleanup_stale_in(base: &Path, own_pid: u32) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(base_dir(run_dir)) else {
+    let Ok(entries) = std::fs::read_dir(base) else {
         return removed;
     };
     for e in entries.flatten() {

@@ -115,6 +115,41 @@ pub(super) fn within(p: &Path, q: &Path) -> bool {
     p.starts_with(q)
 }
 
+/// `ready: notify`: `NOTIFY_SOCKET` (and with `watchdog:`, `WATCHDOG_USEC`, as systemd sets
+/// it) in the environment of the instance whose socket tqproxy bound at `socket`. Inside a
+/// mount namespace, where [`build_spec`] hides `run_dir` as a whole, it hides each entry of
+/// `run_dir` but `notify/` instead, and each entry of `notify/` but this tqproxy's directory,
+/// so the socket's path resolves in there too (the entries, as they are now: the control
+/// socket, the pid file, the unix sockets' directory; all root-only besides).
+pub(super) fn with_notify(spec: &mut SpawnSpec, c: &WorkerConfig, socket: &Path, run_dir: &Path) {
+    spec.env
+        .push(("NOTIFY_SOCKET".into(), socket.display().to_string()));
+    if let Some(w) = c.watchdog {
+        spec.env
+            .push(("WATCHDOG_USEC".into(), w.as_micros().to_string()));
+    }
+    if !spec.namespaces.needs_mount_ns() {
+        return;
+    }
+    let Some(at) = spec.mounts.hide.iter().position(|h| h == run_dir) else {
+        return;
+    };
+    spec.mounts.hide.remove(at);
+    let base = super::notify::base_dir(run_dir);
+    let own = super::notify::process_dir(run_dir, std::process::id());
+    for (dir, keep) in [(run_dir, &base), (base.as_path(), &own)] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p != *keep && !spec.mounts.hide.contains(&p) {
+                spec.mounts.hide.push(p);
+            }
+        }
+    }
+}
+
 /// The spawn spec of one instance: environment, limits and sandbox. `port` is `None` for a
 /// `transport: unix` instance, which then gets no `PORT` or `WORKER_PORT`.
 pub(super) fn build_spec(

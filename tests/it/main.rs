@@ -9,6 +9,7 @@ mod core;
 mod edge;
 mod harness;
 mod isolation;
+mod notify;
 mod observability;
 mod swaps;
 mod transport;

@@ -190,6 +190,16 @@ fn log_accept_error(e: &io::Error, (count, last): &mut (u64, Option<std::time::I
     }
 }
 
+/// The next watchdog tick; never without a watchdog.
+async fn tick(t: &mut Option<tokio::time::Interval>) {
+    match t {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 async fn run<H: Handler>(mut worker: Worker, handler: H) -> i32 {
     let (listener, addr) = match Listener::open(&mut worker).await {
         Ok(l) => l,
@@ -210,6 +220,14 @@ async fn run<H: Handler>(mut worker: Worker, handler: H) -> i32 {
     };
     let (pid, inst, generation) = (std::process::id(), &worker.instance, &worker.generation);
     log!("instance {inst} gen {generation} listening on {addr} (pid {pid})");
+    // `ready: notify`: ready as soon as the socket accepts (before the first request).
+    let notifier = crate::notify::Notifier::from_env();
+    notifier.send(&format!("READY=1\nSTATUS=listening on {addr}"));
+    let mut watchdog = notifier.watchdog_every().map(|every| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     let server = Arc::new(Server {
         handler,
         ident: format!(
@@ -230,10 +248,12 @@ async fn run<H: Handler>(mut worker: Worker, handler: H) -> i32 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
+            _ = tick(&mut watchdog) => notifier.send("WATCHDOG=1"),
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
     };
+    notifier.send(&format!("STOPPING=1\nSTATUS=stopping after {signame}"));
     drop(listener);
     server.stopping.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);

@@ -8,6 +8,7 @@
 //! | `LISTEN_FDS=1` and `LISTEN_PID`: the listening socket is fd 3, TCP (socket passing into a network namespace) or unix (`transport: unix`, then without `PORT`) | [`listen::inherited`], claimed by [`Worker::from_env`] |
 //! | ready once the health path answers 2xx                        | [`Handler::health`] answers `/health` (`200 ok` unless the worker says otherwise) |
 //! | SIGTERM: finish the requests in flight and exit               | [`serve`]: stop accepting, finish in-flight requests, close idle connections, exit 0; a second SIGTERM/SIGINT exits at once |
+//! | `ready: notify`: `NOTIFY_SOCKET` (sd_notify), `WATCHDOG_USEC`  | [`serve`] through [`notify::Notifier`]: `READY=1` and a `STATUS=` once listening, `WATCHDOG=1` every half `WATCHDOG_USEC`, `STOPPING=1` on SIGTERM |
 //!
 //! [`serve`] speaks keep-alive HTTP/1.1 (and 1.0) on a current-thread tokio runtime, parsed with
 //! `httparse`: request bodies (`Content-Length` or chunked) are read and discarded, malformed
@@ -44,6 +45,7 @@ use std::sync::OnceLock;
 
 pub mod http;
 pub mod listen;
+pub mod notify;
 
 pub use http::{Handler, Io, Reply, Request, query_param, serve, url_decode};
 
