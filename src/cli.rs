@@ -75,8 +75,13 @@ pub enum Command {
         #[arg(long, default_value = "180s", value_parser = parse_duration_arg)]
         timeout: Duration,
     },
-    /// Validate the configuration and every worker.yaml; exit 0 or 1.
-    Check,
+    /// Validate the configuration and every worker.yaml; exit 0 or 1. Workers without a
+    /// memory or CPU limit, or running as root, get a warning.
+    Check {
+        /// Treat the warnings as errors (exit 1).
+        #[arg(long)]
+        strict: bool,
+    },
     /// Show workers and instances.
     Status {
         /// Print the status document as JSON.
@@ -152,7 +157,7 @@ pub fn dispatch(cli: Cli) -> i32 {
             ref binary,
             timeout,
         } => upgrade(&cli, binary.as_deref(), timeout),
-        Command::Check => check(&cli.config),
+        Command::Check { strict } => check(&cli.config, strict),
         ref other => {
             let (socket, rt) = match client_setup(&cli) {
                 Ok(x) => x,
@@ -183,7 +188,7 @@ fn client_setup(cli: &Cli) -> Result<(PathBuf, tokio::runtime::Runtime), i32> {
     Ok((socket, rt))
 }
 
-fn check(path: &Path) -> i32 {
+fn check(path: &Path, strict: bool) -> i32 {
     match Config::load(path) {
         Ok(c) => {
             let problems = crate::config::check_workers(&c);
@@ -191,6 +196,19 @@ fn check(path: &Path) -> i32 {
                 for p in problems {
                     eprintln!("{p}");
                 }
+                return 1;
+            }
+            let advice = crate::config::advice(&c);
+            for a in &advice {
+                eprintln!("{a}");
+            }
+            if strict && !advice.is_empty() {
+                eprintln!(
+                    "{}: {} warning{} (--strict)",
+                    c.file.display(),
+                    advice.len(),
+                    if advice.len() == 1 { "" } else { "s" }
+                );
                 return 1;
             }
             println!(
@@ -390,7 +408,7 @@ async fn client(cmd: &Command, socket: &Path) -> i32 {
         ),
         Command::Reload => (ControlRequest::Reload {}, long),
         Command::Stop { .. } => (ControlRequest::Stop {}, Duration::from_secs(10)),
-        Command::Run { .. } | Command::Check | Command::Upgrade { .. } => {
+        Command::Run { .. } | Command::Check { .. } | Command::Upgrade { .. } => {
             unreachable!("handled by dispatch")
         }
     };

@@ -31,6 +31,27 @@ pub fn check_worker(config: &Config, w: &WorkerConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// What the seed asks of every worker and `tqproxy check` reminds of ("Always set limits",
+/// least privilege): a memory and a CPU limit, and not running as root. Warnings, not
+/// errors (`check --strict` makes them errors); one line each, starting with the worker's file.
+pub fn advice(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in config.workers.values() {
+        let mut say = |what: &str| out.push(format!("{}: warning: {what}", w.file.display()));
+        if w.resources.memory.is_none() {
+            say("no resources.memory: a leak can take the host's memory (set e.g. `memory: 256M`)");
+        }
+        if w.resources.cpu.is_none() {
+            say("no resources.cpu: a busy loop can take every core (set e.g. `cpu: 1.0`)");
+        }
+        let own_user = w.sandbox.user.ids().is_some_and(|(uid, _)| uid != 0);
+        if !own_user && !w.sandbox.has(Namespace::User) {
+            say("runs as root: set sandbox.user, sandbox.dynamic_user: true, or a user namespace");
+        }
+    }
+    out
+}
+
 /// Checks every worker of a configuration (see [`check_worker`]); one message per problem,
 /// each starting with the worker's file.
 pub fn check_workers(config: &Config) -> Vec<String> {
@@ -209,6 +230,24 @@ mod tests {
         std::fs::create_dir_all(d.path().join("workers")).unwrap();
         let c = Config::from_text(&d.path().join("conf/tqproxy.yaml"), global).unwrap();
         (d, c)
+    }
+
+    #[test]
+    fn advice_names_missing_limits_and_root() {
+        let bare = "command: [\"/bin/true\"]\nroutes: [\"/\"]\n";
+        let (_d, c) = config("cgroups: { mode: off }\n", &[("w", bare)]);
+        let a = advice(&c);
+        assert_eq!(a.len(), 3, "{a:?}");
+        assert!(
+            a[0].contains("workers/w/worker.yaml: warning: no resources.memory"),
+            "{a:?}"
+        );
+        assert!(a[1].contains("no resources.cpu"), "{a:?}");
+        assert!(a[2].contains("runs as root"), "{a:?}");
+        let good = "command: [\"/bin/true\"]\nroutes: [\"/\"]\nresources: { memory: 64M, cpu: 0.5 }\nsandbox: { dynamic_user: true }\n";
+        let userns = "command: [\"/bin/true\"]\nroutes: [\"/u\"]\nresources: { memory: 64M, cpu: 0.5 }\nsandbox: { namespaces: [user] }\n";
+        let (_d, c) = config("cgroups: { mode: off }\n", &[("g", good), ("u", userns)]);
+        assert_eq!(advice(&c), Vec::<String>::new());
     }
 
     #[test]

@@ -33,7 +33,7 @@ mod raw;
 mod units;
 mod worker;
 
-pub use check::{check_worker, check_workers, sandbox_spec, unix_socket_paths_fit};
+pub use check::{advice, check_worker, check_workers, sandbox_spec, unix_socket_paths_fit};
 pub use load::*;
 use locate::*;
 use raw::*;
@@ -912,7 +912,9 @@ mod tests {
             ("{ stepz: [100%] }", "unknown field `stepz`"),
         ] {
             let text = format!("command: [\"/bin/true\"]\ndeploy:\n  canary: {canary}\n");
-            let e = WorkerConfig::from_text(&wdir, &text).unwrap_err().to_string();
+            let e = WorkerConfig::from_text(&wdir, &text)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(says), "{canary}: {e}");
             assert!(e.contains("worker.yaml:"), "{canary}: {e}");
         }

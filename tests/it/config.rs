@@ -454,3 +454,25 @@ fn the_production_configuration_is_valid() {
         "{out}"
     );
 }
+
+#[test]
+fn check_warns_of_workers_without_limits_or_running_as_root_and_strict_refuses_them() {
+    let d = install(GLOBAL, &[("w", OK_WORKER)]);
+    let (code, text) = check(d.path());
+    assert_eq!(code, 0, "{text}");
+    for says in [
+        "w/worker.yaml: warning: no resources.memory",
+        "w/worker.yaml: warning: no resources.cpu",
+        "w/worker.yaml: warning: runs as root",
+    ] {
+        assert!(text.contains(says), "{says}: {text}");
+    }
+    let o = Command::new(TQPROXY)
+        .args(["check", "--strict", "-c"])
+        .arg(d.path().join("conf/tqproxy.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("3 warnings (--strict)"), "{err}");
+}
