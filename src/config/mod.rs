@@ -438,6 +438,18 @@ pub struct Resources {
     pub io: Option<IoSettings>,
     /// CPU scheduling policy of the instances (default `batch`).
     pub cpu_scheduling: crate::sandbox::CpuScheduling,
+    /// Bytes per second of body traffic through tqproxy, shared by the worker's instances
+    /// (default: none).
+    pub bandwidth: Bandwidth,
+}
+
+/// `resources.bandwidth`: enforced by the proxy on body bytes, one token bucket per worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Bandwidth {
+    /// To the worker: request bodies and WebSocket/upgrade bytes from clients (default: none).
+    pub ingress: Option<u64>,
+    /// From the worker: response bodies and upgrade bytes to clients (default: none).
+    pub egress: Option<u64>,
 }
 
 impl Resources {
@@ -852,6 +864,7 @@ mod tests {
             resources: Resources {
                 core: 0,
                 cpu_scheduling: crate::sandbox::CpuScheduling::Batch,
+                bandwidth: Bandwidth::default(),
                 ..Resources::default()
             },
             sandbox: SandboxConfig {
@@ -918,6 +931,34 @@ mod tests {
             assert!(e.contains(says), "{canary}: {e}");
             assert!(e.contains("worker.yaml:"), "{canary}: {e}");
         }
+    }
+
+    #[test]
+    fn bandwidth_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let wdir = dir.path().join("w");
+        let text =
+            "command: [\"/bin/true\"]\nresources: { bandwidth: { ingress: 1M, egress: 10M } }\n";
+        let w = WorkerConfig::from_text(&wdir, text).unwrap().unwrap();
+        assert_eq!(
+            w.resources.bandwidth,
+            Bandwidth {
+                ingress: Some(1 << 20),
+                egress: Some(10 << 20)
+            }
+        );
+        assert!(
+            !w.resources.needs_cgroup(),
+            "enforced by the proxy, not a cgroup"
+        );
+        let text = "command: [\"/bin/true\"]\nresources:\n  bandwidth: { egress: 100 }\n";
+        let e = WorkerConfig::from_text(&wdir, text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("worker.yaml:3: resources.bandwidth.egress: must be at least 1K"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -317,6 +317,14 @@ pub(super) struct RawResources {
     pub(super) file_size: Option<HumanSize>,
     pub(super) io: Option<RawIo>,
     pub(super) cpu_scheduling: Option<crate::sandbox::CpuScheduling>,
+    pub(super) bandwidth: Option<RawBandwidth>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBandwidth {
+    pub(super) ingress: Option<HumanSize>,
+    pub(super) egress: Option<HumanSize>,
 }
 
 #[derive(Debug, Deserialize, Default)]

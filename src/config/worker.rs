@@ -565,7 +565,24 @@ pub(super) fn worker_resources(
         cpu_scheduling: r
             .cpu_scheduling
             .unwrap_or(crate::sandbox::CpuScheduling::Batch),
+        bandwidth: Bandwidth {
+            ingress: r.bandwidth.as_ref().and_then(|b| b.ingress).map(|s| s.0),
+            egress: r.bandwidth.as_ref().and_then(|b| b.egress).map(|s| s.0),
+        },
     };
+    for (key, v) in [
+        ("ingress", res.bandwidth.ingress),
+        ("egress", res.bandwidth.egress),
+    ] {
+        if v.is_some_and(|v| v < 1024) {
+            errors.push(ctx.err(
+                &["resources", "bandwidth", key],
+                None,
+                format!("resources.bandwidth.{key}"),
+                "must be at least 1K (bytes per second)".into(),
+            ));
+        }
+    }
     if let Some(m) = res.memory
         && m < 1 << 20
     {

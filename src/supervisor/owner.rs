@@ -500,6 +500,8 @@ impl Owner {
                 shared: Arc::new(WorkerShared {
                     cursor: AtomicUsize::new(0),
                     split_cursor: Default::default(),
+                    ingress: Default::default(),
+                    egress: Default::default(),
                     metrics: WorkerMetrics::new(&name),
                 }),
                 log,
@@ -916,6 +918,8 @@ impl Owner {
                 }
             }
             let c = &w.config;
+            wrt.shared.ingress.set_rate(c.resources.bandwidth.ingress);
+            wrt.shared.egress.set_rate(c.resources.bandwidth.egress);
             let backend = Arc::new(Backend {
                 worker: w.name.clone(),
                 instances,

@@ -21,7 +21,7 @@
 //! | `GET /version`                   | `$HELLO_VERSION` or `1`                                       |
 //! | `GET /echo-headers`              | JSON: request headers (lower-cased, repeats joined), `method`, `path` |
 //! | `POST`/`PUT /echo`               | the request body, same content type                           |
-//! | `GET /bytes/<n>`                 | n bytes (≤ 64 MiB) of `abc…z\n`                               |
+//! | `GET /bytes/<n>`                 | n bytes (≤ 1 GiB, streamed) of `abc…z\n`                      |
 //! | `GET /slow?ms=N`                 | `slow done` after N ms (≤ 600000)                             |
 //! | `GET /stream?chunks=N&interval_ms=M` | chunked: N chunks `chunk i` every M ms                   |
 //! | `GET /ws`                        | WebSocket echo (RFC 6455)                                     |
@@ -54,7 +54,7 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Largest request body `/echo` buffers.
 const MAX_BODY: usize = 64 << 20;
-const MAX_BYTES: u64 = 64 << 20;
+const MAX_BYTES: u64 = 1 << 30;
 const MAX_SLOW_MS: u64 = 600_000;
 const MAX_STREAM_CHUNKS: u64 = 1_000_000;
 /// How long a keep-alive connection (or a half-received request) may stay silent.
@@ -1622,7 +1622,7 @@ mod tests {
     fn routes_and_parameters() {
         let route = |t: &str| complete(&format!("GET {t} HTTP/1.1\r\n\r\n")).route;
         assert_eq!(route("/bytes/16384"), Route::Bytes(16384));
-        assert!(matches!(route("/bytes/67108865"), Route::BadParam(_)));
+        assert!(matches!(route("/bytes/1073741825"), Route::BadParam(_)));
         assert!(matches!(route("/bytes/x"), Route::BadParam(_)));
         assert_eq!(route("/slow?ms=250"), Route::Slow(250));
         assert!(matches!(route("/slow?ms=600001"), Route::BadParam(_)));

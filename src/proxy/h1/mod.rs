@@ -1125,6 +1125,7 @@ impl Conn {
                     },
                     BodyState::Done => (0, true),
                 };
+                backend.shared.ingress.take(send).await;
                 let wrote = within(timer, read_timeout, up.write_all(&avail[..send])).await;
                 if !matches!(wrote, Some(Ok(()))) {
                     // The worker stopped reading: it may have answered already.
@@ -1376,7 +1377,7 @@ impl Conn {
         if resp.status == 101 {
             // Boxed: the tunnel's state would otherwise be part of every connection's future
             // (368 bytes each, idle or not), for the few that upgrade.
-            return Box::pin(self.tunnel(e, up, upbuf, scratch, read_timeout)).await;
+            return Box::pin(self.tunnel(e, up, upbuf, scratch, read_timeout, backend)).await;
         }
         let body_timeout = self.settings().body_timeout;
         let Conn { io, timer, .. } = self;
@@ -1409,6 +1410,7 @@ impl Conn {
                 None => (head, &avail[..send]),
             };
             let body_bytes = (a.len() + b.len() - head.len()) as u64;
+            backend.shared.egress.take(body_bytes as usize).await;
             let wrote = within(timer, body_timeout, write_two(io, a, b)).await;
             if !matches!(wrote, Some(Ok(()))) {
                 // The client went away; the upstream connection is in an unknown state.
@@ -1491,6 +1493,7 @@ impl Conn {
         mut upbuf: Buf,
         head: &[u8],
         idle: Duration,
+        backend: &Backend,
     ) -> Attempt {
         let Conn {
             io, timer, inbuf, ..
@@ -1524,13 +1527,17 @@ impl Conn {
             .await;
             let ok = match event {
                 None => break,
-                Some((true, Ok(n))) if n > 0 => up.write_all(&cbuf.spare()[..n]).await.is_ok(),
+                Some((true, Ok(n))) if n > 0 => {
+                    backend.shared.ingress.take(n).await;
+                    up.write_all(&cbuf.spare()[..n]).await.is_ok()
+                }
                 Some((true, _)) => {
                     client_open = false;
                     let _ = up.shutdown().await;
                     true
                 }
                 Some((false, Ok(n))) if n > 0 => {
+                    backend.shared.egress.take(n).await;
                     let r = io.write_all(&upbuf.spare()[..n]).await;
                     r.is_ok() && io.flush().await.is_ok()
                 }
