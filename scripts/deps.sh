@@ -7,6 +7,17 @@ set -euo pipefail
 want=()
 command -v cmake >/dev/null 2>&1 || want+=(cmake)          # pingora-core builds zlib-ng
 command -v python3 >/dev/null 2>&1 || want+=(python3)      # the py example worker
+# External state (README): the shipped config runs workers/redis (Debian's redis-server) and
+# workers/sessions (Debian's /usr/bin/python3, which a sandboxed user can read); the sessions
+# test runs both. Debian's own Redis service is not wanted: policy-rc.d keeps it stopped.
+[[ -x /usr/bin/python3 ]] || want+=(python3)
+if [[ ! -x /usr/bin/redis-server ]]; then
+  want+=(redis-server)
+  if [[ $(id -u) -eq 0 && ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+fi
 if [[ "${1:-}" == "--test" ]]; then
   command -v chromium >/dev/null 2>&1 || want+=(chromium)  # the status page test runs a real browser
   command -v curl >/dev/null 2>&1 || want+=(curl)          # the edge tests' HTTP/2 and TLS client

@@ -86,6 +86,7 @@ impl Config {
         // Cross-worker checks.
         routes_served_once(&workers, &mut errors);
         port_pool_suffices(&workers, &ports, &ctx, &mut errors);
+        fixed_ports_apart(&workers, &ports, &mut errors);
 
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
@@ -574,6 +575,35 @@ fn port_pool_suffices(
             "ports",
             format!("range {}-{} has {pool} ports but the workers may need {needed} during a deploy (2 × instances + max_surge each)", ports.start(), ports.end()),
         ));
+    }
+}
+
+/// A worker's fixed `port` lies outside the `ports` range (the pool would hand it out while
+/// the service restarts) and is no other worker's.
+fn fixed_ports_apart(
+    workers: &BTreeMap<String, Arc<WorkerConfig>>,
+    ports: &RangeInclusive<u16>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let mut seen: HashMap<u16, &str> = HashMap::new();
+    for w in workers.values() {
+        let Some(port) = w.port else { continue };
+        let wtext = std::fs::read_to_string(&w.file).unwrap_or_default();
+        let wctx = Ctx {
+            file: &w.file,
+            text: &wtext,
+        };
+        if ports.contains(&port) {
+            errors.push(wctx.err(&["port"], None, "port", format!("{port} is inside the `ports` range {}-{}, which tqproxy hands out to instances", ports.start(), ports.end())));
+        }
+        if let Some(other) = seen.insert(port, &w.name) {
+            errors.push(wctx.err(
+                &["port"],
+                None,
+                "port",
+                format!("{port} is also worker `{other}`'s port"),
+            ));
+        }
     }
 }
 

@@ -635,6 +635,10 @@ pub struct WorkerConfig {
     pub pass_socket: bool,
     /// TCP (default) or a unix socket between the proxy and the instances.
     pub transport: Transport,
+    /// A fixed port instead of one from the `ports` range (default: none): for a service
+    /// other workers connect to (e.g. Redis), which every other worker finds in
+    /// `TQ_SERVICE_<NAME>=127.0.0.1:<port>`. One instance, TCP, rolling, outside `ports`.
+    pub port: Option<u16>,
 }
 
 impl WorkerConfig {
@@ -645,7 +649,22 @@ impl WorkerConfig {
 
     /// Whether an instance needs a port from the `ports` range.
     pub fn uses_port(&self) -> bool {
-        self.transport == Transport::Tcp
+        self.transport == Transport::Tcp && self.port.is_none()
+    }
+
+    /// `TQ_SERVICE_<NAME>` (the name upper-cased, `-` as `_`) and `127.0.0.1:<port>`: how the
+    /// other workers find a worker with a fixed `port`; `None` without one.
+    pub fn service_env(&self) -> Option<(String, String)> {
+        let port = self.port?;
+        let name: String = self
+            .name
+            .chars()
+            .map(|c| match c {
+                '-' | '.' => '_',
+                c => c.to_ascii_uppercase(),
+            })
+            .collect();
+        Some((format!("TQ_SERVICE_{name}"), format!("127.0.0.1:{port}")))
     }
 }
 
@@ -880,6 +899,7 @@ mod tests {
             build: None,
             pass_socket: false,
             transport: Transport::Tcp,
+            port: None,
         };
         assert_eq!(*w, expected);
         // With a mount namespace, a read-only root and a private /tmp (the worker lives

@@ -244,6 +244,7 @@ pub(super) struct RawWorker {
     #[serde(default)]
     pub(super) pass_socket: bool,
     pub(super) transport: Option<Transport>,
+    pub(super) port: Option<u16>,
 }
 
 pub(super) fn yes() -> bool {

@@ -99,6 +99,8 @@ fn worker_from_text(
     );
     let build = build(raw.build.as_ref(), dir, &ctx, &mut errors);
     let recycle_memory = recycle_memory(raw.recycle_memory, &resources, &ctx, &mut errors);
+    let transport = raw.transport.unwrap_or_default();
+    let port = fixed_port(raw.port, instances, transport, &deploy, &ctx, &mut errors);
 
     let w = WorkerConfig {
         name,
@@ -128,7 +130,8 @@ fn worker_from_text(
         sandbox,
         build,
         pass_socket: raw.pass_socket,
-        transport: raw.transport.unwrap_or_default(),
+        transport,
+        port,
         file: file.clone(),
         dir: dir.to_path_buf(),
     };
@@ -234,6 +237,14 @@ fn env(
                 Some(k),
                 format!("env.{k}"),
                 "invalid variable name".into(),
+            ));
+        }
+        if k.starts_with("TQ_SERVICE_") {
+            errors.push(ctx.err(
+                &["env"],
+                Some(k),
+                format!("env.{k}"),
+                "`TQ_SERVICE_*` is set by tqproxy: the address of each worker with a `port`".into(),
             ));
         }
         if RESERVED_ENV.contains(&k.as_str()) {
@@ -489,6 +500,39 @@ fn readiness(
         }
     }
     (ready, watchdog)
+}
+
+/// `port`: a fixed port (a service other workers connect to). It can be held by one process
+/// at a time, so one instance, replaced in place (rolling, one at a time), over TCP; that it
+/// lies outside the `ports` range and no other worker has it is checked with the global file.
+fn fixed_port(
+    raw: Option<u16>,
+    instances: u32,
+    transport: Transport,
+    deploy: &DeployConfig,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> Option<u16> {
+    let port = raw?;
+    let mut bad = |m: String| errors.push(ctx.err(&["port"], None, "port", m));
+    if port == 0 {
+        bad("must be 1-65535 (leave it out to get a port from the `ports` range)".into());
+    }
+    if instances > 1 {
+        bad(format!(
+            "a fixed port is held by one process: instances must be 1, not {instances}"
+        ));
+    }
+    if transport != Transport::Tcp {
+        bad("needs `transport: tcp` (a unix worker has no port)".into());
+    }
+    if deploy.strategy != Strategy::Rolling {
+        bad(format!(
+            "a fixed port cannot be held by two generations at once: deploy.strategy must be rolling, not {}",
+            deploy.strategy
+        ));
+    }
+    Some(port)
 }
 
 /// `build`: the command `run --watch` runs before a deploy.

@@ -769,10 +769,13 @@ impl Owner {
             Option<OwnedFd>,
         ) = match config.transport {
             Transport::Tcp => {
-                let (port, l) = self
-                    .ports
-                    .allocate(config.passes_socket())
-                    .ok_or_else(|| "no free port in the worker port range".to_string())?;
+                let (port, l) = match config.port {
+                    Some(p) => fixed_port(p, config.passes_socket())?,
+                    None => self
+                        .ports
+                        .allocate(config.passes_socket())
+                        .ok_or_else(|| "no free port in the worker port range".to_string())?,
+                };
                 let addr = SocketAddr::from(([127, 0, 0, 1], port));
                 (Target::Tcp(addr), Some(port), None, l.map(OwnedFd::from))
             }
@@ -1148,6 +1151,17 @@ impl Owner {
             .to_string(),
             workers,
         }
+    }
+}
+
+/// A worker's fixed `port` (config `port:`), bound here to see that it is free (and kept when
+/// the socket is passed). Not from the pool, so releasing it there changes nothing.
+fn fixed_port(port: u16, keep: bool) -> Result<(u16, Option<std::net::TcpListener>), String> {
+    match std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))) {
+        Ok(l) => Ok((port, keep.then_some(l))),
+        Err(e) => Err(format!(
+            "fixed port {port} is taken ({e}): a worker with `port:` runs one process at a time"
+        )),
     }
 }
 

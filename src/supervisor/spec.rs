@@ -170,6 +170,9 @@ pub(super) fn build_spec(
     env.push(("WORKER_NAME".into(), c.name.clone()));
     env.push(("WORKER_INSTANCE".into(), id.to_string()));
     env.push(("WORKER_GENERATION".into(), generation.to_string()));
+    // The services: every other worker with a fixed `port` (config, not runtime state, so the
+    // address holds across the service's restarts).
+    env.extend(others.iter().filter_map(|o| o.service_env()));
     let sb = &c.sandbox;
     let mut mounts = base.mounts.clone();
     if base.namespaces.mount {

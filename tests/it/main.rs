@@ -11,5 +11,6 @@ mod harness;
 mod isolation;
 mod notify;
 mod observability;
+mod sessions;
 mod swaps;
 mod transport;
