@@ -9,7 +9,10 @@
 //! - answers `/health` with `ok`, the path worker.yaml's `health:` asks: tqproxy routes requests
 //!   to an instance once it answers;
 //! - on SIGTERM stops accepting, finishes the requests in flight and exits 0 (tqproxy sends
-//!   SIGTERM when it drains an instance: deploy, scale down, restart, stop).
+//!   SIGTERM when it drains an instance: deploy, scale down, restart, stop);
+//! - with `ready: notify` in worker.yaml, tells tqproxy `READY=1` on `$NOTIFY_SOCKET` as soon
+//!   as it listens (no health poll), `STOPPING=1` on SIGTERM, and pings `WATCHDOG=1` when
+//!   `WATCHDOG_USEC` is set (`watchdog:`): the kit's `notify` module, a no-op otherwise.
 //!
 //! | request        | answer                                                           |
 //! |----------------|------------------------------------------------------------------|
