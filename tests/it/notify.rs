@@ -358,3 +358,46 @@ fn notify_works_in_the_full_sandbox_with_a_dynamic_user() {
     );
     env.stop(Duration::from_secs(20));
 }
+
+/// `ready` and `watchdog` are checked like every key: file, line, key, what is wrong.
+#[test]
+fn ready_and_watchdog_errors_name_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let wdir = dir.path().join("w");
+    for (yaml, says) in [
+        (
+            "command: [\"/bin/true\"]\nready: poll\n",
+            "worker.yaml:2: ready: unknown variant `poll`, expected `health` or `notify`",
+        ),
+        (
+            "command: [\"/bin/true\"]\nhealth: { interval: 1s }\nwatchdog: 5s\n",
+            "worker.yaml:3: watchdog: needs `ready: notify` (the instance sends WATCHDOG=1 on its NOTIFY_SOCKET)",
+        ),
+        (
+            "command: [\"/bin/true\"]\nready: notify\nwatchdog: 1ms\n",
+            "worker.yaml:3: watchdog: must be between 10ms and 1h",
+        ),
+        (
+            "command: [\"/bin/true\"]\nready: notify\nwatchdog: soon\n",
+            "worker.yaml:3: watchdog:",
+        ),
+        (
+            "command: [\"/bin/true\"]\nenv: { NOTIFY_SOCKET: /x }\n",
+            "worker.yaml:2: env.NOTIFY_SOCKET: `NOTIFY_SOCKET` is set by tqproxy",
+        ),
+    ] {
+        let e = tqproxy::config::WorkerConfig::from_text(&wdir, yaml)
+            .err()
+            .unwrap_or_else(|| panic!("accepted:\n{yaml}"))
+            .to_string();
+        assert!(e.contains(says), "{yaml}\n→ {e}\nnot: {says}");
+    }
+    let ok = tqproxy::config::WorkerConfig::from_text(
+        &wdir,
+        "command: [\"/bin/true\"]\nready: notify\nwatchdog: 5s\n",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(ok.ready, tqproxy::config::Ready::Notify);
+    assert_eq!(ok.watchdog, Some(Duration::from_secs(5)));
+}
