@@ -369,6 +369,29 @@ fn a_session_in_redis_survives_deploy_kill9_and_rollback_with_no_failed_request(
     let data: PathBuf = env.worker_dir("redis").join("data");
     assert!(data.is_dir());
 
+    // 5. A deploy of Redis with a changed config: stop-first (its fixed port is held by one
+    //    process), same port, the session still there.
+    let before = pid_of(&env, "redis");
+    let mut changed = redis_worker(redis_port);
+    changed.yaml.push_str("env: { REDIS_REVISION: \"2\" }\n");
+    env.write_worker(&changed);
+    let out = env.ok(&["deploy", "redis"]);
+    assert!(out.contains("rolled 1 instances"), "{out}");
+    let after = env.instances("redis");
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].port, Some(redis_port));
+    assert_ne!(after[0].pid, Some(before));
+    let r = wait_for(
+        "GET /me after the Redis deploy",
+        Duration::from_secs(30),
+        || {
+            let r = me(env.listen, &cookie);
+            (r.status != 503).then_some(r)
+        },
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("\"user\": \"alice\""), "{}", r.body);
+
     env.stop(Duration::from_secs(20));
 }
 
