@@ -1139,3 +1139,41 @@ fn a_canary_split_and_its_end_republish_the_table() {
     assert_eq!(percent(50), "5%");
     assert_eq!(percent(5), "0.5%");
 }
+
+#[test]
+fn a_status_line_is_kept_on_the_record_without_effects_and_forgotten_by_a_restart() {
+    let mut w = World::new("");
+    let id = w.ready(OnReady::Route, 0);
+    let fx = w.ev(
+        id,
+        Event::Status {
+            text: "warming up".into(),
+        },
+        1,
+    );
+    assert!(fx.is_empty(), "{fx:?}");
+    assert_eq!(
+        w.r.record(W, id).unwrap().status.as_deref(),
+        Some("warming up")
+    );
+    // A status of an older process changes nothing.
+    let epoch = w.epoch(id);
+    w.r.apply(
+        W,
+        id,
+        epoch + 1,
+        Event::Status {
+            text: "stale".into(),
+        },
+        w.at(2),
+    );
+    assert_eq!(
+        w.r.record(W, id).unwrap().status.as_deref(),
+        Some("warming up")
+    );
+    // The next process of the record starts without one.
+    let fx = w.crash(id, 10);
+    let after = timers(&fx)[0];
+    w.ev(id, Event::RestartDue, 10 + after.as_millis() as u64);
+    assert_eq!(w.r.record(W, id).unwrap().status, None);
+}
