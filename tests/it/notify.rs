@@ -33,8 +33,6 @@ def notify(data, block=True):
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        if self.path == "/stop":
-            notify(b"STOPPING=1")
         if self.path.startswith("/status?"):
             notify(b"STATUS=" + self.path.split("?", 1)[1].encode())
         body = ("pid %d\n" % os.getpid()).encode()
@@ -42,6 +40,10 @@ class H(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+        self.wfile.flush()
+        # After the answer: the SIGTERM that follows STOPPING=1 must not cut it.
+        if self.path == "/stop":
+            notify(b"STOPPING=1")
     def log_message(self, *a):
         pass
 
