@@ -146,8 +146,8 @@ fn worker_errors_name_file_line_and_key() {
             "sandbox: read_only_root and private_tmp need the `mount` namespace",
         ),
         (
-            "command: [\"/bin/true\"]\ndeploy:\n  strategy: canary\n",
-            "a/worker.yaml:3: deploy.strategy: unknown variant `canary`",
+            "command: [\"/bin/true\"]\ndeploy:\n  strategy: sideways\n",
+            "a/worker.yaml:3: deploy.strategy: unknown variant `sideways`",
         ),
         (
             "command: [\"/bin/true\"]\ntransport: udp\n",
