@@ -12,7 +12,8 @@
 //! # Modules
 //! - [`config`]: YAML → validated model; every error names file, line and key.
 //! - [`routes`]: the route table and per-instance counters — where proxy and supervisor meet.
-//! - [`proxy`]: `impl ProxyHttp`; knows routes, not processes.
+//! - [`proxy`]: the request path, tqproxy's HTTP/1.1 and HTTP/2 engines over one policy; knows
+//!   routes, not processes.
 //! - [`supervisor`]: the single owner of instance state: lifecycle, health, deploys.
 //! - [`sandbox`]: the only `unsafe`: the spawn helper, cgroups, namespaces, seccomp, landlock.
 //! - [`control`]: the JSON protocol over the unix control socket, server and client.

@@ -406,17 +406,18 @@ impl Route {
         path.starts_with(p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
     }
 
-    /// The path forwarded upstream: the prefix removed when stripping (`/api/x` → `/x`,
-    /// `/api` → `/`). `path_and_query` is the original request target.
-    pub fn upstream_target(&self, path_and_query: &str) -> Option<String> {
-        if !self.strip_prefix || &*self.prefix == "/" {
-            return None;
+    /// The target forwarded upstream for an origin-form `path_query`, as two parts written one
+    /// after the other: the prefix removed when stripping (`/api/x` → `/x`, `/api` → `/`,
+    /// `/api?q` → `/?q`), else `path_query` as it is. Both protocols' engines call it.
+    pub fn upstream_target<'a>(&self, path_query: &'a [u8]) -> [&'a [u8]; 2] {
+        if !self.strip_prefix || &*self.prefix == "/" || path_query.len() < self.prefix.len() {
+            return [b"", path_query];
         }
-        let rest = &path_and_query[self.prefix.len()..];
-        if rest.is_empty() || rest.starts_with('?') {
-            Some(format!("/{rest}"))
+        let rest = &path_query[self.prefix.len()..];
+        if rest.is_empty() || rest[0] == b'?' {
+            [b"/", rest]
         } else {
-            Some(rest.to_string())
+            [b"", rest]
         }
     }
 }
@@ -760,11 +761,12 @@ mod tests {
     fn strip_prefix_keeps_query() {
         let b = backend("b", &[9000]);
         let r = route("/api", true, &b);
-        assert_eq!(r.upstream_target("/api/x?q=1").as_deref(), Some("/x?q=1"));
-        assert_eq!(r.upstream_target("/api").as_deref(), Some("/"));
-        assert_eq!(r.upstream_target("/api?q").as_deref(), Some("/?q"));
-        assert_eq!(route("/api", false, &b).upstream_target("/api/x"), None);
-        assert_eq!(route("/", true, &b).upstream_target("/x"), None);
+        let t = |r: &Route, pq: &str| r.upstream_target(pq.as_bytes()).concat();
+        assert_eq!(t(&r, "/api/x?q=1"), b"/x?q=1");
+        assert_eq!(t(&r, "/api"), b"/");
+        assert_eq!(t(&r, "/api?q"), b"/?q");
+        assert_eq!(t(&route("/api", false, &b), "/api/x"), b"/api/x");
+        assert_eq!(t(&route("/", true, &b), "/x"), b"/x");
     }
 
     #[test]

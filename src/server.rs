@@ -10,8 +10,8 @@
 //!    address binds;
 //! 4. the supervisor (its cgroup tree, the logs directory);
 //! 5. pingora's services: the control socket, the SIGHUP reload, the supervisor, the upgrade
-//!    handover, the proxy (tqproxy's HTTP/1.1 engine, which hands HTTP/2 to pingora's) and the
-//!    admin listener. The proxy and admin listen only once the workers are up (and, for an
+//!    handover, the proxy (tqproxy's HTTP/1.1 engine, which hands HTTP/2 to tqproxy's HTTP/2
+//!    engine) and the admin listener. The proxy and admin listen only once the workers are up (and, for an
 //!    upgrade, once the old process handed over its sockets): no connection is accepted that
 //!    could not be served. systemd hears `READY=1` at that point.
 //!
@@ -49,7 +49,7 @@ use crate::admin::Admin;
 use crate::config::{Config, ConfigErrors, ListenerKind, LogFormat};
 use crate::control::{self, ControlService};
 use crate::proxy::h1::{Engine, Settings};
-use crate::proxy::h2::H2Proxy;
+use crate::proxy::h2::{self, H2};
 use crate::proxy::policy::Policy;
 use crate::routes::RouteHandle;
 use crate::signals;
@@ -182,13 +182,7 @@ pub fn run(config_path: &Path, opts: RunOptions) -> Result<Stopped, StartupError
         }
         _ => sup_service,
     };
-    let proxy = proxy_service(
-        &server.configuration,
-        &config,
-        routes,
-        access_log.clone(),
-        tls.configs,
-    );
+    let proxy = proxy_service(&config, routes, access_log.clone(), tls.configs);
     server.add_service(proxy).add_dependency(&listen_after);
     if let Some(addr) = config.admin {
         server
@@ -472,9 +466,8 @@ fn control_service(
 /// The request path: tqproxy's HTTP/1.1 engine on every listener (plain, redirecting, TLS with
 /// certificates by SNI, the handshake done by [`TlsFront`] with `tls`, each TLS listener's
 /// rustls configuration); it hands HTTP/2 connections (ALPN h2, or the h2c preface) to
-/// pingora's HTTP/2 server and [`H2Proxy`].
+/// tqproxy's HTTP/2 engine ([`H2`]).
 fn proxy_service(
-    server_conf: &Arc<ServerConf>,
     config: &Config,
     routes: Arc<RouteHandle>,
     access_log: Option<AccessLog>,
@@ -490,24 +483,24 @@ fn proxy_service(
         .collect();
     let p = &config.proxy;
     let policy = Arc::new(Policy::new(routes, access_log, redirects, p.max_retries));
-    let mut h2 = pingora::proxy::http_proxy(server_conf, H2Proxy::new(policy.clone()));
-    if p.h2c {
-        let mut options = pingora::apps::HttpServerOptions::default();
-        options.h2c = true;
-        h2.server_options = Some(options);
-    }
-    let engine = Engine::new(
-        policy,
-        Settings {
-            header_timeout: p.client_header_timeout,
-            keepalive_timeout: p.client_keepalive_timeout,
-            body_timeout: p.client_body_timeout,
-            max_connections: p.max_connections,
-            h2c: p.h2c,
-            pool_capacity: p.upstream_keepalive_pool,
+    let settings = Settings {
+        header_timeout: p.client_header_timeout,
+        keepalive_timeout: p.client_keepalive_timeout,
+        body_timeout: p.client_body_timeout,
+        max_connections: p.max_connections,
+        h2c: p.h2c,
+        pool_capacity: p.upstream_keepalive_pool,
+    };
+    let h2 = H2::new(
+        policy.clone(),
+        settings.clone(),
+        h2::Settings {
+            max_concurrent_streams: p.h2_max_concurrent_streams,
+            max_header_list_size: p.max_header_list_size,
+            limits: h2::guard::Limits::default(),
         },
-        Arc::new(h2),
     );
+    let engine = Engine::new(policy, settings, Arc::new(h2));
     let front = TlsFront::new(engine, tls, p.client_header_timeout);
     let mut proxy = Service::new("proxy".to_string(), front);
     for l in &config.listeners {

@@ -403,7 +403,27 @@ fn proxy(raw: &RawProxy, ctx: &Ctx, errors: &mut Vec<ConfigError>) -> ProxySetti
             .client_body_timeout
             .map_or(Duration::from_secs(60), |x| x.0),
         max_connections: raw.max_connections,
+        h2_max_concurrent_streams: raw.h2_max_concurrent_streams.unwrap_or(128),
+        max_header_list_size: raw
+            .max_header_list_size
+            .map_or(64 << 10, |s| s.0.min(u32::MAX as u64) as u32),
     };
+    if !(1..=10_000).contains(&proxy.h2_max_concurrent_streams) {
+        errors.push(ctx.err(
+            &["proxy", "h2_max_concurrent_streams"],
+            None,
+            "proxy.h2_max_concurrent_streams",
+            "must be between 1 and 10000".into(),
+        ));
+    }
+    if !(1 << 10..=16 << 20).contains(&proxy.max_header_list_size) {
+        errors.push(ctx.err(
+            &["proxy", "max_header_list_size"],
+            None,
+            "proxy.max_header_list_size",
+            "must be between 1K and 16M".into(),
+        ));
+    }
     for (key, value) in [
         ("client_header_timeout", proxy.client_header_timeout),
         ("client_keepalive_timeout", proxy.client_keepalive_timeout),

@@ -269,6 +269,12 @@ pub struct ProxySettings {
     /// Client connections served at once; beyond it requests get 503 and the connection is
     /// closed (default: no limit).
     pub max_connections: Option<usize>,
+    /// HTTP/2 streams open at once per connection, SETTINGS_MAX_CONCURRENT_STREAMS, 1-10000
+    /// (default 128).
+    pub h2_max_concurrent_streams: u32,
+    /// Largest decoded HTTP/2 header list, SETTINGS_MAX_HEADER_LIST_SIZE, 1 KiB-16 MiB
+    /// (default 64 KiB).
+    pub max_header_list_size: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -817,6 +823,8 @@ mod tests {
                 client_keepalive_timeout: Duration::from_secs(60),
                 client_body_timeout: Duration::from_secs(60),
                 max_connections: None,
+                h2_max_concurrent_streams: 128,
+                max_header_list_size: 64 << 10,
             }
         );
         assert_eq!(

@@ -178,6 +178,8 @@ pub(super) struct RawProxy {
     pub(super) client_keepalive_timeout: Option<HumanDuration>,
     pub(super) client_body_timeout: Option<HumanDuration>,
     pub(super) max_connections: Option<usize>,
+    pub(super) h2_max_concurrent_streams: Option<u32>,
+    pub(super) max_header_list_size: Option<HumanSize>,
 }
 
 #[derive(Debug, Deserialize, Default)]

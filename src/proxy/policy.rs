@@ -1,4 +1,4 @@
-//! The proxy's policy, written once: what both the HTTP/1.1 engine (`h1`) and the HTTP/2 path
+//! The proxy's policy, written once: what both the HTTP/1.1 engine (`h1`) and the HTTP/2 engine
 //! (`h2`) decide the same way.
 //!
 //! - Routing: host, then the longest path prefix on a segment boundary ([`RouteTable`](crate::routes::RouteTable));
@@ -6,7 +6,7 @@
 //!   the in-flight slot drains wait for).
 //! - Queueing: with no ready instance, a request waits up to the worker's `queue_timeout` for
 //!   one ([`Policy::wait_for_instance`]), then gets 503 with `Retry-After`.
-//! - Retries ([`retryable`]): a refused attempt (nothing reached the worker) goes to a sibling
+//! - Retries ([`Policy::retry`], [`retryable`]): a refused attempt (nothing reached the worker) goes to a sibling
 //!   whatever the method; one whose instance died before answering is retried only when the
 //!   method is idempotent; nothing is retried once the response started, or when the body can
 //!   no longer be replayed.
@@ -79,11 +79,10 @@ impl Policy {
 
     /// The https port when `local_port` is a redirect-only listener.
     pub fn redirect_port(&self, local_port: u16) -> Option<u16> {
+        if self.redirects.is_empty() {
+            return None;
+        }
         self.redirects.get(&local_port).copied()
-    }
-
-    pub fn has_redirects(&self) -> bool {
-        !self.redirects.is_empty()
     }
 
     /// The slow path of picking an instance: wait (up to the worker's `queue_timeout`) for a
@@ -172,6 +171,26 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Sending the request failed: on a pooled connection the worker had closed it (nothing
+    /// reached it), on a new one the instance died.
+    pub fn on_send(pooled: bool) -> Failure {
+        if pooled {
+            Failure::Refused
+        } else {
+            Failure::DiedBeforeResponse
+        }
+    }
+
+    /// The connection ended (or broke) before a complete response head: inside one that had
+    /// started (`got_any`), else as [`Failure::on_send`].
+    pub fn before_head(got_any: bool, pooled: bool) -> Failure {
+        if got_any {
+            Failure::BadResponse
+        } else {
+            Failure::on_send(pooled)
+        }
+    }
+
     pub fn kind(self) -> UpstreamErrorKind {
         match self {
             Failure::Refused => UpstreamErrorKind::Connect,
@@ -194,6 +213,64 @@ impl Failure {
                 None,
             ),
         }
+    }
+}
+
+/// The attempts of one request so far.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    /// Attempts made, the current one included (the fresh-connection retry does not count).
+    pub made: usize,
+    /// The next attempt opens a new connection: the one retry after a stale pooled connection.
+    pub fresh: bool,
+    /// Instances that failed this request (the next pick avoids them).
+    pub tried: Vec<u64>,
+}
+
+/// One failed attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Failed {
+    pub failure: Failure,
+    /// It was made on a connection taken from the pool.
+    pub pooled: bool,
+    /// The instance's id.
+    pub instance: u64,
+}
+
+impl Policy {
+    /// Counts a failed attempt in the worker's metrics and decides whether the request is tried
+    /// again (`true`, with `at` updated for the next attempt) or answered with the failure's page.
+    /// A pooled connection the worker had closed is retried once on a fresh connection to any
+    /// instance (the same one included) without counting an attempt; otherwise [`retryable`]
+    /// decides, up to `proxy.max_retries` attempts.
+    pub fn retry(
+        &self,
+        at: &mut Attempts,
+        backend: &Backend,
+        f: Failed,
+        idempotent: bool,
+        replayable: bool,
+    ) -> bool {
+        let stale = f.pooled && f.failure == Failure::Refused;
+        let metrics = &backend.shared.metrics;
+        metrics.upstream_error(if stale {
+            UpstreamErrorKind::Closed
+        } else {
+            f.failure.kind()
+        });
+        if stale && replayable && !at.fresh {
+            at.fresh = true;
+            at.made -= 1;
+            metrics.retries.inc();
+            return true;
+        }
+        if at.made < self.max_attempts && retryable(f.failure, idempotent, replayable) {
+            at.tried.push(f.instance);
+            at.fresh = false;
+            metrics.retries.inc();
+            return true;
+        }
+        false
     }
 }
 

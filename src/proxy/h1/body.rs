@@ -104,10 +104,22 @@ impl Chunked {
 
     /// Validates the next bytes of the body; `on_data` gets the ranges of `input` that are chunk
     /// data.
+    #[inline]
     pub fn feed(
         &mut self,
         input: &[u8],
+        on_data: impl FnMut(usize, usize),
+    ) -> Result<Progress, ChunkError> {
+        self.feed_with_trailers(input, on_data, |_| {})
+    }
+
+    /// [`Self::feed`], and `on_trailer` gets each byte of the trailer section (its lines,
+    /// CRLF included, without the final empty line): at most [`MAX_TRAILERS`] in all.
+    pub fn feed_with_trailers(
+        &mut self,
+        input: &[u8],
         mut on_data: impl FnMut(usize, usize),
+        mut on_trailer: impl FnMut(u8),
     ) -> Result<Progress, ChunkError> {
         let mut i = 0;
         while i < input.len() {
@@ -196,6 +208,9 @@ impl Chunked {
                     self.trailers += 1;
                     if self.trailers > MAX_TRAILERS {
                         return Err(ChunkError::TrailersTooLarge);
+                    }
+                    if !(self.state == State::TrailerStart && b == b'\r') {
+                        on_trailer(b);
                     }
                     match (self.state, b) {
                         (State::TrailerStart, b'\r') => State::FinalLf,
@@ -338,6 +353,24 @@ mod tests {
         );
         let many = format!("0\r\n{}", "X: y\r\n".repeat(4000));
         assert_eq!(run(many.as_bytes(), 512), Err(ChunkError::TrailersTooLarge));
+    }
+
+    #[test]
+    fn trailer_bytes_are_handed_out() {
+        let mut c = Chunked::new();
+        let mut t = Vec::new();
+        let body = b"3\r\nabc\r\n0\r\nX-A: 1\r\nX-B: 2\r\n\r\nnext";
+        let p = c
+            .feed_with_trailers(body, |_, _| {}, |b| t.push(b))
+            .unwrap();
+        assert!(p.done);
+        assert_eq!(p.consumed, body.len() - 4);
+        assert_eq!(t, b"X-A: 1\r\nX-B: 2\r\n");
+        let mut c = Chunked::new();
+        let mut t = Vec::new();
+        c.feed_with_trailers(b"0\r\n\r\n", |_, _| {}, |b| t.push(b))
+            .unwrap();
+        assert!(t.is_empty());
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! `read_timeout` upstream.
 //!
 //! HTTP/2 connections (ALPN `h2`, or the h2c preface with `proxy.h2c`) are handed to
-//! [`H2Proxy`] through pingora's HTTP server.
+//! [`super::h2`], which shares the policy, the pool and the helpers below.
 
 pub mod body;
 pub mod buf;
@@ -27,6 +27,7 @@ pub mod pool;
 use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice, Write as _};
 use std::net::IpAddr;
+use std::ops::DerefMut;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,7 +37,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::{ALPN, Stream};
-use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -45,7 +45,7 @@ use self::body::Chunked;
 use self::buf::{Buf, CLIENT, Scratch, UPSTREAM};
 use self::parse::{Framing, Method, Parsed, Reject, Request};
 use self::pool::Upstream;
-use super::h2::H2Proxy;
+use super::h2::H2;
 use super::policy::{self, ErrorPage, Failure, Policy};
 use crate::access_log::Record;
 use crate::metrics::{METRICS, UpstreamErrorKind};
@@ -75,12 +75,12 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct Engine {
     policy: Arc<Policy>,
     settings: Settings,
-    h2: Arc<HttpProxy<H2Proxy>>,
+    h2: Arc<H2>,
     connections: Arc<AtomicUsize>,
 }
 
 impl Engine {
-    pub fn new(policy: Arc<Policy>, settings: Settings, h2: Arc<HttpProxy<H2Proxy>>) -> Engine {
+    pub fn new(policy: Arc<Policy>, settings: Settings, h2: Arc<H2>) -> Engine {
         Engine {
             policy,
             settings,
@@ -91,7 +91,7 @@ impl Engine {
 }
 
 /// Counts a connection for `proxy.max_connections` while it lives.
-struct Counted(Arc<AtomicUsize>);
+pub(crate) struct Counted(Arc<AtomicUsize>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
@@ -106,34 +106,32 @@ impl ServerApp for Engine {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return ServerApp::process_new(&self.h2, stream, shutdown).await;
-        }
         // The connection gets a task of its own, and pingora's ends here: its future is sized
         // for the TLS handshake it may run (about 10 KB, measured), for as long as the
         // connection would live.
         let engine = self.clone();
         let shutdown = shutdown.clone();
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         tokio::spawn(async move {
             let n = engine.connections.fetch_add(1, Ordering::Relaxed) + 1;
             let _counted = Counted(engine.connections.clone());
             let over_limit = engine.settings.max_connections.is_some_and(|max| n > max);
+            if h2 {
+                engine.h2.serve(stream, shutdown, over_limit).await;
+                return;
+            }
             let conn = Conn::new(engine.clone(), stream, shutdown.clone(), over_limit);
             if let Some(h2c) = conn.serve().await {
-                ServerApp::process_new(&engine.h2, h2c, &shutdown).await;
+                engine.h2.serve(h2c, shutdown, over_limit).await;
             }
         });
         None
-    }
-
-    async fn cleanup(&self) {
-        ServerApp::cleanup(&*self.h2).await;
     }
 }
 
 /// When a wait ends: at an instant, or a duration after the moment the wait starts.
 #[derive(Clone, Copy, Debug)]
-enum Deadline {
+pub(crate) enum Deadline {
     At(Instant),
     After(Duration),
 }
@@ -153,9 +151,10 @@ impl From<Duration> for Deadline {
 /// Runs `f` until it completes, or until `deadline` (`None`). The connection's one timer is
 /// armed only when `f` has to wait (and only then is the clock read), and moving it later is
 /// cheap (tokio extends the entry in place), so I/O that completes at once never touches the
-/// timer or the clock.
-async fn within<F: Future>(
-    timer: &mut Pin<Box<Sleep>>,
+/// timer or the clock. (`timer`: a connection's boxed timer, or one pinned in a stream's
+/// future.)
+pub(crate) async fn within<P: DerefMut<Target = Sleep>, F: Future>(
+    timer: &mut Pin<P>,
     deadline: impl Into<Deadline>,
     f: F,
 ) -> Option<F::Output> {
@@ -185,7 +184,7 @@ async fn within<F: Future>(
 }
 
 /// Writes `a` then `b` (one `writev` when both fit), completely.
-async fn write_two<W: AsyncWrite + Unpin + ?Sized>(
+pub(crate) async fn write_two<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     mut a: &[u8],
     mut b: &[u8],
@@ -210,10 +209,62 @@ async fn write_two<W: AsyncWrite + Unpin + ?Sized>(
 }
 
 /// One read into `buf`'s spare room (`Ok(0)`: EOF).
-async fn read_into<R: AsyncRead + Unpin + ?Sized>(r: &mut R, buf: &mut Buf) -> io::Result<usize> {
+pub(crate) async fn read_into<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut Buf,
+) -> io::Result<usize> {
     let n = r.read(buf.spare()).await?;
     buf.filled_by(n);
     Ok(n)
+}
+
+/// An upstream connection for one attempt: the pool's most recent one to `inst` (unless
+/// `fresh`: the retry after a stale pooled connection), else a new one within the worker's
+/// `connect_timeout`; `true`: it came from the pool. Both engines' attempts start here.
+pub(crate) async fn upstream_for<P: DerefMut<Target = Sleep>>(
+    timer: &mut Pin<P>,
+    backend: &Backend,
+    inst: &Instance,
+    fresh: bool,
+    now: Instant,
+) -> Result<(Upstream, bool), Failure> {
+    let settings = &backend.settings;
+    if !fresh && let Some(c) = pool::checkout(inst, settings.idle_timeout, now) {
+        return Ok((c, true));
+    }
+    match within(timer, settings.connect_timeout, Upstream::connect(inst)).await {
+        Some(Ok(c)) => Ok((c, false)),
+        Some(Err(err)) => {
+            tracing::debug!(worker = %backend.worker, instance = inst.id, error = %err, "connect failed");
+            Err(Failure::Refused)
+        }
+        None => Err(Failure::Refused),
+    }
+}
+
+/// Sends the first bytes of a request (`a` then `b`) within the worker's `read_timeout`.
+pub(crate) async fn send_request<P: DerefMut<Target = Sleep>>(
+    timer: &mut Pin<P>,
+    up: &mut Upstream,
+    (a, b): (&[u8], &[u8]),
+    read_timeout: Duration,
+    pooled: bool,
+) -> Result<(), Failure> {
+    match within(timer, read_timeout, write_two(up, a, b)).await {
+        Some(Ok(())) => Ok(()),
+        Some(Err(_)) => Err(Failure::on_send(pooled)),
+        None => Err(Failure::Timeout),
+    }
+}
+
+/// The client's address (as X-Forwarded-For shows it) and the listener's, from the socket.
+pub(crate) fn addresses(io: &Stream) -> (Option<IpAddr>, Option<std::net::SocketAddr>) {
+    let digest = io.get_socket_digest();
+    let inet = |a: Option<&pingora::protocols::l4::socket::SocketAddr>| a?.as_inet().copied();
+    let client =
+        inet(digest.as_ref().and_then(|d| d.peer_addr())).map(|a| policy::client_ip(a.ip()));
+    let local = inet(digest.as_ref().and_then(|d| d.local_addr()));
+    (client, local)
 }
 
 /// How a request ended, for the connection.
@@ -318,21 +369,8 @@ struct Conn {
 
 impl Conn {
     fn new(engine: Arc<Engine>, io: Stream, shutdown: ShutdownWatch, over_limit: bool) -> Conn {
-        let digest = io.get_socket_digest();
-        let client_ip = digest
-            .as_ref()
-            .and_then(|d| d.peer_addr())
-            .and_then(|a| a.as_inet())
-            .map(|a| policy::client_ip(a.ip()));
-        let redirect_to = if engine.policy.has_redirects() {
-            digest
-                .as_ref()
-                .and_then(|d| d.local_addr())
-                .and_then(|a| a.as_inet())
-                .and_then(|a| engine.policy.redirect_port(a.port()))
-        } else {
-            None
-        };
+        let (client_ip, local) = addresses(&io);
+        let redirect_to = local.and_then(|a| engine.policy.redirect_port(a.port()));
         let https = io.get_ssl_digest().is_some();
         let opened = Instant::now();
         let timer = Box::pin(tokio::time::sleep_until(
@@ -664,22 +702,14 @@ impl Conn {
                 (route.clone(), inst)
             }
         };
-        exchange.backend = Some(route.backend);
         // The target upstream: the prefix stripped where the route says so.
         let (slash, pq) = req.origin_form(all);
-        let mut target: [&[u8]; 2] = [slash, pq];
-        if slash.is_empty()
-            && route.strip_prefix
-            && &*route.prefix != "/"
-            && pq.len() >= route.prefix.len()
-        {
-            let rest = &pq[route.prefix.len()..];
-            target = if rest.is_empty() || rest[0] == b'?' {
-                [b"/", rest]
-            } else {
-                [b"", rest]
-            };
-        }
+        let target = if slash.is_empty() {
+            route.upstream_target(pq)
+        } else {
+            [slash, pq]
+        };
+        exchange.backend = Some(route.backend);
         if req.request_id.is_none() && exchange.new_id.is_none() {
             exchange.new_id = Some(policy::new_request_id());
         }
@@ -714,12 +744,10 @@ impl Conn {
     async fn request(&mut self) -> Next {
         let mut scratch = Scratch::take();
         let mut ex: Option<Exchange> = None;
-        let mut tried: Vec<u64> = Vec::new();
+        let mut at = policy::Attempts::default();
         let mut picked: Option<(Route, Arc<Instance>)> = None;
-        let mut attempts = 0;
-        let mut fresh = false;
         loop {
-            let decision = self.prepare(&mut scratch.0, &tried, picked.take(), &mut ex);
+            let decision = self.prepare(&mut scratch.0, &at.tried, picked.take(), &mut ex);
             let inst = match decision {
                 Decision::Reject(r) => {
                     // The head did not parse: answered (and the connection closed) without
@@ -744,7 +772,7 @@ impl Conn {
                     match self
                         .engine
                         .policy
-                        .wait_for_instance(host, path, &tried)
+                        .wait_for_instance(host, path, &at.tried)
                         .await
                     {
                         Ok(p) => {
@@ -763,11 +791,11 @@ impl Conn {
                 inst.release(false);
                 return Next::Close;
             };
-            attempts += 1;
+            at.made += 1;
             e.served = Some(inst.clone());
             let backend = e.backend.clone().expect("set with the route");
             let outcome = self
-                .attempt(e, &backend, &inst, &mut scratch.0, fresh)
+                .attempt(e, &backend, &inst, &mut scratch.0, at.fresh)
                 .await;
             let e = ex.as_mut().expect("exchange");
             match outcome {
@@ -788,28 +816,17 @@ impl Conn {
                 }
                 Attempt::Failed { failure, pooled } => {
                     inst.release(false);
-                    let stale = pooled && failure == Failure::Refused;
-                    backend.shared.metrics.upstream_error(if stale {
-                        UpstreamErrorKind::Closed
-                    } else {
-                        failure.kind()
-                    });
-                    let replayable = e.replayable;
-                    let idempotent = e.req.method.idempotent();
-                    // A pooled connection the worker had closed: once, a fresh connection to
-                    // any instance (the same one included) without counting an attempt.
-                    if stale && replayable && !fresh {
-                        fresh = true;
-                        attempts -= 1;
-                        backend.shared.metrics.retries.inc();
-                        continue;
-                    }
-                    if attempts < self.engine.policy.max_attempts
-                        && policy::retryable(failure, idempotent, replayable)
+                    let failed = policy::Failed {
+                        failure,
+                        pooled,
+                        instance: inst.id,
+                    };
+                    let (idempotent, replayable) = (e.req.method.idempotent(), e.replayable);
+                    if self
+                        .engine
+                        .policy
+                        .retry(&mut at, &backend, failed, idempotent, replayable)
                     {
-                        tried.push(inst.id);
-                        backend.shared.metrics.retries.inc();
-                        fresh = false;
                         continue;
                     }
                     // The connection stays usable when the whole request was read.
@@ -950,34 +967,16 @@ impl Conn {
         fresh: bool,
     ) -> Attempt {
         let settings = &backend.settings;
-        let pooled_conn = if fresh {
-            None
-        } else {
-            pool::checkout(inst, settings.idle_timeout, e.started)
-        };
-        let pooled = pooled_conn.is_some();
-        let mut up = match pooled_conn {
-            Some(c) => c,
-            None => {
-                let deadline = settings.connect_timeout;
-                match within(&mut self.timer, deadline, Upstream::connect(inst)).await {
-                    Some(Ok(c)) => c,
-                    Some(Err(err)) => {
-                        tracing::debug!(worker = %backend.worker, instance = inst.id, error = %err, "connect failed");
-                        return Attempt::Failed {
-                            failure: Failure::Refused,
-                            pooled: false,
-                        };
-                    }
-                    None => {
-                        return Attempt::Failed {
-                            failure: Failure::Refused,
-                            pooled: false,
-                        };
-                    }
+        let (mut up, pooled) =
+            match upstream_for(&mut self.timer, backend, inst, fresh, e.started).await {
+                Ok(u) => u,
+                Err(failure) => {
+                    return Attempt::Failed {
+                        failure,
+                        pooled: false,
+                    };
                 }
-            }
-        };
+            };
         let Some(inbuf) = self.inbuf.as_mut() else {
             return Attempt::ClientGone;
         };
@@ -1022,7 +1021,6 @@ impl Conn {
             e.body_end = Some(head_len + send_now);
             e.replayable = true;
         }
-        let deadline = settings.read_timeout;
         // Send upstream after the runtime polled the other connections that are ready: their
         // requests reach the worker together, as HAProxy flushes at the end of its loop, so
         // the worker wakes once per burst instead of once per request. Measured (bench ka32,
@@ -1030,34 +1028,17 @@ impl Conn {
         // per request were 2.5x HAProxy's without it. The same for the client's side (waking
         // the client later) measured worse: 0.97x.
         tokio::task::yield_now().await;
-        let sent = within(
+        let first = (&scratch[..], &inbuf.filled()[head_len..head_len + send_now]);
+        if let Err(failure) = send_request(
             &mut self.timer,
-            deadline,
-            write_two(
-                &mut up,
-                scratch,
-                &inbuf.filled()[head_len..head_len + send_now],
-            ),
+            &mut up,
+            first,
+            settings.read_timeout,
+            pooled,
         )
-        .await;
-        match sent {
-            Some(Ok(())) => {}
-            Some(Err(_)) => {
-                return Attempt::Failed {
-                    failure: if pooled {
-                        Failure::Refused
-                    } else {
-                        Failure::DiedBeforeResponse
-                    },
-                    pooled,
-                };
-            }
-            None => {
-                return Attempt::Failed {
-                    failure: Failure::Timeout,
-                    pooled,
-                };
-            }
+        .await
+        {
+            return Attempt::Failed { failure, pooled };
         }
         let mut upbuf = Buf::take(UPSTREAM);
         let mut body_state = body_state;
@@ -1353,13 +1334,7 @@ impl Conn {
             .await
             {
                 Some(Ok(0)) | Some(Err(_)) => {
-                    let failure = if got_any {
-                        Failure::BadResponse
-                    } else if pooled {
-                        Failure::Refused
-                    } else {
-                        Failure::DiedBeforeResponse
-                    };
+                    let failure = Failure::before_head(got_any, pooled);
                     return Attempt::Failed { failure, pooled };
                 }
                 Some(Ok(_)) => got_any = true,
@@ -1396,7 +1371,7 @@ impl Conn {
                 p.0.clear();
                 p.0.extend_from_slice(head);
             }
-            let (send, done) = match relay.take(avail, plain.as_mut().map(|p| &mut p.0)) {
+            let (send, done) = match relay.take(avail, plain.as_mut().map(|p| &mut p.0), None) {
                 Ok(v) => v,
                 Err(why) => {
                     tracing::warn!(worker = %backend.worker, instance = inst.id, why, "malformed response body");
@@ -1574,7 +1549,7 @@ impl BodyState {
 }
 
 /// A response body on its way to the client.
-struct Relay {
+pub(crate) struct Relay {
     framing: Framing,
     /// Bytes left of a Content-Length body.
     left: u64,
@@ -1582,7 +1557,7 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(framing: Framing) -> Relay {
+    pub(crate) fn new(framing: Framing) -> Relay {
         Relay {
             framing,
             left: match framing {
@@ -1594,11 +1569,13 @@ impl Relay {
     }
 
     /// How many of `avail` belong to the body, and whether the body ends there. With `data`
-    /// (de-chunking for an HTTP/1.0 client), the chunk data is appended to it.
-    fn take(
+    /// (de-chunking for an HTTP/1.0 or HTTP/2 client), the chunk data is appended to it, and
+    /// with `trailers` the trailer section's bytes (HTTP/2 sends them as trailers).
+    pub(crate) fn take(
         &mut self,
         avail: &[u8],
         data: Option<&mut Vec<u8>>,
+        trailers: Option<&mut Vec<u8>>,
     ) -> Result<(usize, bool), &'static str> {
         match self.framing {
             Framing::None => Ok((0, true)),
@@ -1609,11 +1586,16 @@ impl Relay {
                 Ok((k, self.left == 0))
             }
             Framing::Chunked => {
-                let p = match data {
-                    Some(out) => self
+                let p = match (data, trailers) {
+                    (Some(out), Some(t)) => self.chunked.feed_with_trailers(
+                        avail,
+                        |a, b| out.extend_from_slice(&avail[a..b]),
+                        |b| t.push(b),
+                    ),
+                    (Some(out), None) => self
                         .chunked
                         .feed(avail, |a, b| out.extend_from_slice(&avail[a..b])),
-                    None => self.chunked.feed(avail, |_, _| {}),
+                    (None, _) => self.chunked.feed(avail, |_, _| {}),
                 };
                 p.map(|p| (p.consumed, p.done)).map_err(|e| e.as_str())
             }
@@ -1622,13 +1604,13 @@ impl Relay {
 }
 
 /// A client address formatted once (an IPv6 address is at most 45 bytes).
-struct ClientText {
+pub(crate) struct ClientText {
     buf: [u8; 46],
     len: u8,
 }
 
 impl ClientText {
-    fn new(ip: Option<IpAddr>) -> ClientText {
+    pub(crate) fn new(ip: Option<IpAddr>) -> ClientText {
         let mut t = ClientText {
             buf: [0; 46],
             len: 0,
@@ -1642,7 +1624,7 @@ impl ClientText {
         t
     }
 
-    fn get(&self) -> Option<&[u8]> {
+    pub(crate) fn get(&self) -> Option<&[u8]> {
         (self.len > 0).then(|| &self.buf[..self.len as usize])
     }
 }
@@ -1698,23 +1680,24 @@ mod tests {
             Default::default(),
             3,
         ));
-        let conf = Arc::new(pingora::server::configuration::ServerConf::default());
-        let h2 = Arc::new(pingora::proxy::http_proxy(
-            &conf,
-            H2Proxy::new(policy.clone()),
-        ));
-        let engine = Engine::new(
-            policy,
-            Settings {
-                header_timeout: Duration::from_secs(1),
-                keepalive_timeout: Duration::from_secs(1),
-                body_timeout: Duration::from_secs(1),
-                max_connections: None,
-                h2c: false,
-                pool_capacity: 1,
+        let settings = Settings {
+            header_timeout: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
+            max_connections: None,
+            h2c: false,
+            pool_capacity: 1,
+        };
+        let h2 = Arc::new(H2::new(
+            policy.clone(),
+            settings.clone(),
+            crate::proxy::h2::Settings {
+                max_concurrent_streams: 128,
+                max_header_list_size: 65536,
+                limits: Default::default(),
             },
-            h2,
-        );
+        ));
+        let engine = Engine::new(policy, settings, h2);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -215,7 +215,7 @@ fn list(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// `host[:port]`: a reg-name, IPv4 or `[IPv6]`, and digits after the colon.
-fn valid_host(v: &[u8]) -> bool {
+pub(crate) fn valid_host(v: &[u8]) -> bool {
     if v.len() > 255 {
         return false;
     }
@@ -269,13 +269,31 @@ fn valid_host(v: &[u8]) -> bool {
 }
 
 /// A decimal `Content-Length`: digits only, no sign, no list, fits in 63 bits.
-fn content_length(v: &[u8]) -> Option<u64> {
+pub(crate) fn content_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
     v.iter().try_fold(0u64, |n, &d| {
         n.checked_mul(10)?.checked_add((d - b'0') as u64)
     })
+}
+
+/// The bytes a request target may hold: visible ASCII, no fragment.
+pub(crate) fn valid_target(t: &[u8]) -> bool {
+    t.iter().all(|&b| (0x21..0x7f).contains(&b) && b != b'#')
+}
+
+/// An `Upgrade` field that asks only for h2c (RFC 9113 section 3.1 deprecates that upgrade):
+/// tqproxy answers such a request over HTTP/1.1 and does not forward the upgrade, as nginx does.
+fn only_h2c(v: &[u8]) -> bool {
+    let mut any = false;
+    for p in list(v).filter(|p| !p.is_empty()) {
+        if !p.eq_ignore_ascii_case(b"h2c") {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
 
 /// Client-supplied request ids are kept when they are one plain, short token.
@@ -483,10 +501,7 @@ pub fn parse_request<'h, 'b>(
     let http10 = version == 0;
     let method_kind = Method::of(method);
     let target_bytes = target.as_bytes();
-    if !target_bytes
-        .iter()
-        .all(|&b| (0x21..0x7f).contains(&b) && b != b'#')
-    {
+    if !valid_target(target_bytes) {
         return Err(bad("invalid request target"));
     }
     if method_kind == Method::Connect {
@@ -624,7 +639,7 @@ pub fn parse_request<'h, 'b>(
                     }
                 }
             }
-            Field::Upgrade => upgrade_field = true,
+            Field::Upgrade => upgrade_field |= !only_h2c(v),
             Field::Expect => {
                 out.expect_continue = v.eq_ignore_ascii_case(b"100-continue");
             }
@@ -752,13 +767,31 @@ pub fn write_request(
             out.extend_from_slice(b"\r\n");
         }
     }
+    let earlier = headers
+        .iter()
+        .filter(|h| field(h.name) == Field::XForwardedFor)
+        .map(|h| h.value);
+    write_proxy_fields(out, earlier, host, edits);
+    if req.upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// tqproxy's own fields of a forwarded request, for both protocols: X-Forwarded-For (the
+/// values of earlier proxies, then the client), X-Forwarded-Proto, X-Forwarded-Host (`host`)
+/// and a new X-Request-Id. (The client's X-Forwarded-Proto and -Host are never forwarded.)
+pub fn write_proxy_fields<'v>(
+    out: &mut Vec<u8>,
+    earlier_forwarded_for: impl Iterator<Item = &'v [u8]>,
+    host: Option<&[u8]>,
+    edits: &RequestEdits<'_>,
+) {
     if let Some(ip) = edits.client_ip {
         out.extend_from_slice(b"X-Forwarded-For: ");
-        for h in headers {
-            if field(h.name) == Field::XForwardedFor && !h.value.is_empty() {
-                out.extend_from_slice(h.value);
-                out.extend_from_slice(b", ");
-            }
+        for v in earlier_forwarded_for.filter(|v| !v.is_empty()) {
+            out.extend_from_slice(v);
+            out.extend_from_slice(b", ");
         }
         out.extend_from_slice(ip);
         out.extend_from_slice(b"\r\n");
@@ -778,10 +811,6 @@ pub fn write_request(
         out.extend_from_slice(id);
         out.extend_from_slice(b"\r\n");
     }
-    if req.upgrade {
-        out.extend_from_slice(b"Connection: upgrade\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Why a worker's response head was refused (the client gets 502).
@@ -921,6 +950,35 @@ pub struct ResponseEdits<'a> {
     pub dechunk: bool,
 }
 
+/// The worker's response fields that are relayed to the client, in order: all but the
+/// hop-by-hop ones (those its Connection names included) and X-Request-Id (tqproxy writes its
+/// own). Upgrade is kept on a 101 only; Transfer-Encoding unless the body is relayed
+/// `dechunked` (an HTTP/1.0 client, or HTTP/2, which has no transfer codings).
+pub fn response_fields<'h, 'b>(
+    buf: &'b [u8],
+    resp: &'h Response,
+    headers: &'h [Header<'b>],
+    dechunked: bool,
+) -> impl Iterator<Item = &'h Header<'b>> + 'h
+where
+    'b: 'h,
+{
+    let switching = resp.status == 101;
+    headers.iter().filter(move |h| {
+        let keep = match field(h.name) {
+            Field::Connection | Field::KeepAlive | Field::ProxyConnection | Field::XRequestId => {
+                false
+            }
+            Field::Upgrade => switching,
+            Field::TransferEncoding => !dechunked,
+            _ => true,
+        };
+        keep && !resp.connection_options[..resp.n_connection_options as usize]
+            .iter()
+            .any(|o| o.get(buf).eq_ignore_ascii_case(h.name.as_bytes()))
+    })
+}
+
 /// Writes the response head for the client: `HTTP/1.1` and the worker's status, its fields in
 /// order without the hop-by-hop ones, then X-Request-Id and Connection. A 101 keeps Upgrade
 /// and says `Connection: upgrade`.
@@ -935,21 +993,7 @@ pub fn write_response(
     out.extend_from_slice(resp.rest_of_status_line.get(buf));
     out.extend_from_slice(b"\r\n");
     let switching = resp.status == 101;
-    for h in headers {
-        let keep = match field(h.name) {
-            Field::Connection | Field::KeepAlive | Field::ProxyConnection | Field::XRequestId => {
-                false
-            }
-            Field::Upgrade => switching,
-            Field::TransferEncoding => !edits.dechunk,
-            _ => true,
-        };
-        let named = resp.connection_options[..resp.n_connection_options as usize]
-            .iter()
-            .any(|o| o.get(buf).eq_ignore_ascii_case(h.name.as_bytes()));
-        if !keep || named {
-            continue;
-        }
+    for h in response_fields(buf, resp, headers, edits.dechunk) {
         out.extend_from_slice(h.name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(h.value);
