@@ -7,6 +7,7 @@ mod config;
 mod conformance;
 mod core;
 mod edge;
+mod h2;
 mod harness;
 mod isolation;
 mod notify;
