@@ -1240,6 +1240,19 @@ mod tests {
     }
 
     #[test]
+    fn an_upgrade_to_h2c_is_not_taken() {
+        let h2c = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+        assert!(!parse(h2c).unwrap().upgrade);
+        assert_eq!(
+            forwarded(h2c, b"/"),
+            "GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: h\r\n\r\n"
+        );
+        let ws =
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: h2c, websocket\r\n\r\n";
+        assert!(parse(ws).unwrap().upgrade, "another protocol offered too");
+    }
+
+    #[test]
     fn responses_are_checked_and_rewritten() {
         let head = |raw: &[u8], head_req: bool| {
             let mut slots = slots();

@@ -14,6 +14,7 @@
 //! - Chunked trailers both ways: the client's HTTP/2 trailers become a chunked trailer
 //!   section, the worker's trailer section becomes HTTP/2 trailers.
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::super::h1::parse::{self, RequestEdits};
@@ -203,7 +204,9 @@ pub fn trailers(section: &[u8]) -> Option<HeaderMap> {
 }
 
 /// The response for the client: the worker's status and relayed fields (none of those HTTP/2
-/// forbids), then tqproxy's X-Request-Id.
+/// forbids), then tqproxy's X-Request-Id. The field values share one copy of the head (no
+/// allocation per field); the request id is marked never-indexed: a value seen once would only
+/// push the worker's repeated fields out of the client's HPACK table.
 pub fn response(
     buf: &[u8],
     resp: &parse::Response,
@@ -214,19 +217,29 @@ pub fn response(
     *out.status_mut() =
         http::StatusCode::from_u16(resp.status).map_err(|_| "invalid status in response")?;
     let map = out.headers_mut();
+    let head = &buf[..resp.head_len.min(buf.len())];
+    let shared = Bytes::copy_from_slice(head);
     for h in parse::response_fields(buf, resp, headers, true) {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| "invalid field name in response")?;
         if name == header::TE || name == header::UPGRADE {
             continue;
         }
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| "invalid field value in response")?;
+        // httparse hands out sub-slices of the head.
+        let at = (h.value.as_ptr() as usize).wrapping_sub(head.as_ptr() as usize);
+        let value = match shared.get(at..at + h.value.len()) {
+            Some(v) if v == h.value => {
+                HeaderValue::from_maybe_shared(shared.slice(at..at + v.len()))
+            }
+            _ => HeaderValue::from_bytes(h.value),
+        }
+        .map_err(|_| "invalid field value in response")?;
         map.append(name, value);
     }
     if !request_id.is_empty()
-        && let Ok(v) = HeaderValue::from_bytes(request_id)
+        && let Ok(mut v) = HeaderValue::from_bytes(request_id)
     {
+        v.set_sensitive(true);
         map.insert(HeaderName::from_static("x-request-id"), v);
     }
     Ok(out)
@@ -315,6 +328,23 @@ mod tests {
         assert_eq!(map["x-sum"], "42");
         assert!(trailers(b"").is_none());
         assert!(trailers(b"bad line\r\n").is_none());
+    }
+
+    #[test]
+    fn the_response_head_keeps_the_workers_fields_and_our_id() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nTE: x\r\nX-Request-Id: theirs\r\nTransfer-Encoding: chunked\r\nX-Worker: w\r\n\r\n";
+        let mut slots = parse::slots();
+        let (r, headers) = parse::parse_response(raw, &mut slots, false)
+            .unwrap()
+            .unwrap();
+        let resp = response(raw, &r, headers, b"ours").unwrap();
+        assert_eq!(resp.status(), 200);
+        let h = resp.headers();
+        let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-worker", "x-request-id"]);
+        assert_eq!(h["content-type"], "text/plain");
+        assert_eq!(h["x-request-id"], "ours");
+        assert!(h["x-request-id"].is_sensitive());
     }
 
     #[test]
