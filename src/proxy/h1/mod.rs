@@ -91,7 +91,7 @@ impl Engine {
 }
 
 /// Counts a connection for `proxy.max_connections` while it lives.
-pub(crate) struct Counted(Arc<AtomicUsize>);
+struct Counted(Arc<AtomicUsize>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
