@@ -328,7 +328,9 @@ impl Bucket {
 }
 
 impl Backend {
-    /// Least outstanding requests among the routed instances, skipping `exclude`d ids; ties go
+    /// Least outstanding requests among the routed instances, skipping the `exclude`d ones (by
+    /// [`Instance::key`]: an instance restarted in place keeps its id but is a new process that
+    /// has failed nothing yet); ties go
     /// round-robin. During a canary, the request first goes to its share's generation (least
     /// outstanding within it), and to the other one when that has no instance to offer.
     /// Reserves the slot on the chosen instance.
@@ -362,7 +364,7 @@ impl Backend {
             let mut best_load = u64::MAX;
             for k in 0..n {
                 let inst = &self.instances[(start + k) % n];
-                if exclude.contains(&inst.id)
+                if exclude.contains(&inst.key)
                     || !inst.routed.load(Ordering::Relaxed)
                     || !wanted(inst)
                 {
@@ -778,9 +780,13 @@ mod tests {
         let p = b.pick(&[]).unwrap();
         assert_eq!(p.id, 2);
         assert_eq!(p.in_flight(), 2);
-        let p = b.pick(&[2]).unwrap();
+        let p = b.pick(&[b.instances[1].key]).unwrap();
         assert_eq!(p.id, 3);
-        assert!(b.pick(&[1, 2, 3]).is_none());
+        let all: Vec<u64> = b.instances.iter().map(|i| i.key).collect();
+        assert!(b.pick(&all).is_none());
+        // An instance restarted in place: the same id, a new process, so not excluded.
+        let again = backend("b", &[9000, 9001, 9002]);
+        assert_eq!(again.pick(&all).map(|p| p.id), Some(1));
     }
 
     #[test]

@@ -223,7 +223,8 @@ pub struct Attempts {
     pub made: usize,
     /// The next attempt opens a new connection: the one retry after a stale pooled connection.
     pub fresh: bool,
-    /// Instances that failed this request (the next pick avoids them).
+    /// Instances that failed this request, by [`Instance::key`](crate::routes::Instance::key)
+    /// (the next pick avoids them; their restarted processes are new keys).
     pub tried: Vec<u64>,
 }
 
@@ -233,7 +234,7 @@ pub struct Failed {
     pub failure: Failure,
     /// It was made on a connection taken from the pool.
     pub pooled: bool,
-    /// The instance's id.
+    /// The instance's [`key`](crate::routes::Instance::key).
     pub instance: u64,
 }
 

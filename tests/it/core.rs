@@ -156,6 +156,37 @@ fn kill_9_of_an_instance_under_load_fails_no_request() {
     assert!(!alive(victim));
 }
 
+/// Every instance killed at the same moment: the requests that found them dead wait (within
+/// `queue_timeout`) for the restarted processes, which keep the ids of the ones they replace.
+/// (They were excluded by id as "already tried", and got 503 after the whole queue_timeout.)
+#[test]
+fn kill_9_of_every_instance_at_once_fails_no_request() {
+    let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 2, "")]);
+    env.start();
+    let before = env.instances("w");
+    let load = Load::start(env.listen, "/", 8);
+    load.wait_progress(200);
+    let victims: Vec<u32> = before.iter().map(|i| i.pid.unwrap()).collect();
+    for v in &victims {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*v as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    wait_for("both replaced and ready", Duration::from_secs(20), || {
+        let now = env.instances("w");
+        (now.len() == 2
+            && now.iter().all(|i| {
+                i.state == "ready" && i.routed && i.pid.is_some_and(|p| !victims.contains(&p))
+            }))
+        .then_some(())
+    });
+    load.wait_progress(200);
+    load.finish_without_failures("load");
+    assert_eq!(env.worker("w").restarts["crash"], 2);
+}
+
 #[test]
 fn a_hung_instance_is_replaced() {
     let mut env = Env::new(&[WorkerDef::chaos("c", "[\"/\"]", 1, "")]);

@@ -822,7 +822,7 @@ impl Conn {
                     let failed = policy::Failed {
                         failure,
                         pooled,
-                        instance: inst.id,
+                        instance: inst.key,
                     };
                     let (idempotent, replayable) = (e.req.method.idempotent(), e.replayable);
                     if self

@@ -383,7 +383,7 @@ impl Stream<'_, '_> {
                     let failed = Failed {
                         failure,
                         pooled,
-                        instance: slot.inst.id,
+                        instance: slot.inst.key,
                     };
                     drop(slot);
                     let idempotent = self.parts.method.is_idempotent();
