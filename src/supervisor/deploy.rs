@@ -322,14 +322,12 @@ pub fn rolling(
         let v = view(&h, &worker).await?;
         let t = Instant::now();
         let old = v.serving();
-        // A fixed port (a service worker's `port:`) is held by one process: the old instance
-        // exits before the new one starts, and a new one that fails brings the old config back.
-        let stop_first = config.port.is_some() && config.port == v.config.port && !old.is_empty();
-        if stop_first {
-            wait_all(h.switch(&worker, Vec::new(), old.clone(), Vec::new()).await).await;
+        let fixed_port = config.port.is_some() && config.port == v.config.port;
+        let mut plan = RollingPlan::new(old.clone(), target, config.deploy.max_surge, fixed_port);
+        if !plan.stop_first().is_empty() {
+            let stop = plan.stop_first().to_vec();
+            wait_all(h.switch(&worker, Vec::new(), stop, Vec::new()).await).await;
         }
-        let kept = if stop_first { Vec::new() } else { old.clone() };
-        let mut plan = RollingPlan::new(kept, target, config.deploy.max_surge);
         let mut drains = Vec::new();
         let mut new_ids: Vec<u64> = Vec::new();
         while let Some(batch) = plan.next_batch() {
@@ -337,12 +335,7 @@ pub fn rolling(
                 Ok(ids) => ids,
                 Err(e) => {
                     wait_all(drains).await;
-                    let on_failure = if stop_first {
-                        OnBatchFailure::RollBack
-                    } else {
-                        plan.on_failure()
-                    };
-                    return Err(match on_failure {
+                    return Err(match plan.on_failure() {
                         OnBatchFailure::KeepOld => SupervisorError::DeployFailed {
                             worker: worker.clone(),
                             generation,

@@ -1175,6 +1175,8 @@ pub fn plan_scale(v: &WorkerView, n: u32) -> ScalePlan {
 #[derive(Debug, Clone)]
 pub struct RollingPlan {
     old: Vec<u64>,
+    /// The old instances stopped before the first batch (a fixed port: see [`RollingPlan::new`]).
+    stop_first: Vec<u64>,
     target: u32,
     surge: u32,
     switched: u32,
@@ -1198,9 +1200,19 @@ pub enum OnBatchFailure {
 }
 
 impl RollingPlan {
-    pub fn new(old: Vec<u64>, target: u32, max_surge: u32) -> RollingPlan {
+    /// `fixed_port`: the old and the new instances listen on the same fixed port (a service
+    /// worker's `port:`), which one process holds at a time, so every old instance stops before
+    /// the first batch starts ([`RollingPlan::stop_first`]) and a failed batch brings the old
+    /// configuration back rather than leaving nothing.
+    pub fn new(old: Vec<u64>, target: u32, max_surge: u32, fixed_port: bool) -> RollingPlan {
+        let (old, stop_first) = if fixed_port {
+            (Vec::new(), old)
+        } else {
+            (old, Vec::new())
+        };
         RollingPlan {
             old,
+            stop_first,
             target,
             surge: max_surge.max(1),
             switched: 0,
@@ -1240,8 +1252,13 @@ impl RollingPlan {
         self.old.iter().skip(self.next_old).copied().collect()
     }
 
+    /// The old instances to stop (and wait for) before the first batch starts.
+    pub fn stop_first(&self) -> &[u64] {
+        &self.stop_first
+    }
+
     pub fn on_failure(&self) -> OnBatchFailure {
-        if self.switched == 0 {
+        if self.switched == 0 && self.stop_first.is_empty() {
             OnBatchFailure::KeepOld
         } else {
             OnBatchFailure::RollBack

@@ -706,7 +706,7 @@ fn a_switch_is_one_store() {
 fn roll(old_n: u32, target: u32, surge: u32) -> Vec<usize> {
     let mut w = World::new("");
     let old: Vec<u64> = (0..old_n).map(|_| w.ready(OnReady::Route, 0)).collect();
-    let mut plan = RollingPlan::new(old, target, surge);
+    let mut plan = RollingPlan::new(old, target, surge, false);
     let mut routed_after = Vec::new();
     while let Some(n) = plan.next_batch() {
         assert!(n <= surge.max(1));
@@ -747,7 +747,8 @@ fn rolling_capacity_never_below_desired() {
 
 #[test]
 fn rolling_rolls_back_when_a_later_batch_fails() {
-    let mut plan = RollingPlan::new(vec![1, 2, 3], 3, 1);
+    let mut plan = RollingPlan::new(vec![1, 2, 3], 3, 1, false);
+    assert!(plan.stop_first().is_empty());
     assert_eq!(plan.on_failure(), OnBatchFailure::KeepOld);
     assert!(plan.first_switch());
     assert_eq!(plan.next_batch(), Some(1));
@@ -760,6 +761,29 @@ fn rolling_rolls_back_when_a_later_batch_fails() {
     );
     assert!(!plan.first_switch());
     assert_eq!(plan.on_failure(), OnBatchFailure::RollBack);
+}
+
+/// A fixed port is held by one process: the old instances stop before the first batch, none
+/// is retired by a batch, and a failed first batch rolls back (nothing old is left serving).
+#[test]
+fn rolling_on_a_fixed_port_stops_the_old_first() {
+    let mut plan = RollingPlan::new(vec![1], 1, 1, true);
+    assert_eq!(plan.stop_first(), &[1]);
+    assert_eq!(plan.on_failure(), OnBatchFailure::RollBack);
+    assert_eq!(plan.next_batch(), Some(1));
+    assert_eq!(
+        plan.switch(&[7]),
+        Switch {
+            route: vec![7],
+            retire: vec![]
+        }
+    );
+    assert!(plan.leftover().is_empty());
+    assert_eq!(plan.next_batch(), None);
+    // No old instance (a first start on the port): nothing to stop, nothing to roll back to.
+    let plan = RollingPlan::new(vec![], 1, 1, true);
+    assert!(plan.stop_first().is_empty());
+    assert_eq!(plan.on_failure(), OnBatchFailure::KeepOld);
 }
 
 #[test]
