@@ -10,6 +10,7 @@
 use super::*;
 use crate::sandbox::cgroup;
 use crate::sandbox::{LandlockSpec, MountSpec, NamespaceSpec, SeccompSpec, SpawnSpec};
+use crate::supervisor::sockets::SUN_PATH_MAX;
 
 /// Checks one worker of `config` against the host; the message starts with the part that
 /// is wrong (`sandbox: …`, `transport: unix: …`, `resources: …`).
@@ -119,10 +120,6 @@ pub fn sandbox_spec(w: &WorkerConfig, id: u64) -> SpawnSpec {
         ..SpawnSpec::default()
     }
 }
-
-/// The longest path a unix socket address holds: `sun_path` is 108 bytes on Linux, NUL
-/// included.
-const SUN_PATH_MAX: usize = 107;
 
 /// Whether the socket paths of the unix worker `worker` fit under `run_dir`: they are
 /// `<run_dir>/sockets/<tqproxy pid>/<worker>.<id>.<epoch>.sock` (README, "`transport:
