@@ -14,6 +14,8 @@ use crate::config::{Config, Strategy};
 use crate::control::{ControlRequest, ControlResponse, call};
 use crate::status::{ErrorKind, Outcome};
 
+mod generate;
+
 /// The exit codes of every verb, for `--help` (the README's CLI section has the same table).
 pub const EXIT_CODES: &str = "\
 Exit codes:
@@ -110,6 +112,20 @@ pub enum Command {
     Rollback { worker: String },
     /// Re-read every configuration file and apply the differences.
     Reload,
+    /// Print a shell completion script (`source <(tqproxy completions bash)`; the package
+    /// installs all three).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: generate::Shell,
+    },
+    /// Internal (packaging): write the man pages, tqproxy.1 and one per verb, into DIR.
+    #[command(hide = true)]
+    Man {
+        /// The directory to write them into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Stop gracefully: drain requests, stop every instance, exit.
     Stop {
         /// How long to wait for tqproxy to exit.
@@ -134,7 +150,8 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 }
 
 /// Runs the parsed command; returns the exit code.
-pub fn dispatch(cli: Cli) -> i32 {
+pub fn dispatch(mut cli: Cli) -> i32 {
+    cli.config = generate::default_config(cli.config);
     match cli.command {
         Command::Run {
             watch,
@@ -158,6 +175,8 @@ pub fn dispatch(cli: Cli) -> i32 {
             timeout,
         } => upgrade(&cli, binary.as_deref(), timeout),
         Command::Check { strict } => check(&cli.config, strict),
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Man { ref out } => generate::man(out),
         ref other => {
             let (socket, rt) = match client_setup(&cli) {
                 Ok(x) => x,
@@ -408,7 +427,11 @@ async fn client(cmd: &Command, socket: &Path) -> i32 {
         ),
         Command::Reload => (ControlRequest::Reload {}, long),
         Command::Stop { .. } => (ControlRequest::Stop {}, Duration::from_secs(10)),
-        Command::Run { .. } | Command::Check { .. } | Command::Upgrade { .. } => {
+        Command::Run { .. }
+        | Command::Check { .. }
+        | Command::Upgrade { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
             unreachable!("handled by dispatch")
         }
     };
