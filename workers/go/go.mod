@@ -1,0 +1,3 @@
+module tqproxy.example/goworker
+
+go 1.19
