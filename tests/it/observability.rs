@@ -1506,8 +1506,8 @@ fn the_systemd_unit_verifies() {
     let unit = std::fs::read_to_string(repo().join("conf/tqproxy.service")).unwrap();
     for needed in [
         "Type=notify",
-        "ExecStart=/usr/local/bin/tqproxy -c /etc/tqproxy/tqproxy.yaml run",
-        "ExecReload=/usr/local/bin/tqproxy -c /etc/tqproxy/tqproxy.yaml reload",
+        "ExecStart=/usr/bin/tqproxy -c /etc/tqproxy/tqproxy.yaml run",
+        "ExecReload=/usr/bin/tqproxy -c /etc/tqproxy/tqproxy.yaml reload",
         "KillMode=mixed",
     ] {
         assert!(unit.lines().any(|l| l == needed), "missing {needed:?}");
@@ -1522,7 +1522,7 @@ fn the_systemd_unit_verifies() {
     // Verify a copy that points at this build (verify checks that the binary exists).
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("tqproxy.service");
-    std::fs::write(&copy, unit.replace("/usr/local/bin/tqproxy", TQPROXY)).unwrap();
+    std::fs::write(&copy, unit.replace("/usr/bin/tqproxy", TQPROXY)).unwrap();
     let o = std::process::Command::new(analyze)
         .args(["verify", "--man=no"])
         .arg(&copy)
