@@ -22,6 +22,10 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v chromium >/dev/null 2>&1 || want+=(chromium)  # the status page test runs a real browser
   command -v curl >/dev/null 2>&1 || want+=(curl)          # the edge tests' HTTP/2 and TLS client
   command -v openssl >/dev/null 2>&1 || want+=(openssl)    # s_client: the TLS session resumption tests
+  # The framework workers' tests (workers/gunicorn, workers/node, workers/go): Debian's own.
+  [[ -x /usr/bin/gunicorn ]] || want+=(gunicorn)
+  [[ -x /usr/bin/node ]] || want+=(nodejs)
+  [[ -x /usr/bin/go ]] || want+=(golang-go)
 fi
 if [[ "${1:-}" == "--bench" ]]; then                       # load-tests/bench and idle-conns (they also do this)
   command -v wrk >/dev/null 2>&1 || want+=(wrk)
@@ -44,3 +48,8 @@ if ((${#want[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+# The package test (tests/it/package.rs) builds the .deb with cargo-deb.
+if [[ "${1:-}" == "--test" ]] && ! cargo deb --version >/dev/null 2>&1; then
+  echo "installing: cargo-deb" >&2
+  cargo install cargo-deb --locked --quiet
+fi
