@@ -1,6 +1,7 @@
 //! The Debian package (issue 13, part 4): `scripts/package.sh --no-build` packages the release
 //! build (test.sh builds it before the tests); the test installs it into this machine with
-//! `dpkg -i`, checks what it put where, runs `tqproxy check` on the installed configuration,
+//! `dpkg -i`, checks what it put where (and that installing it again keeps a local edit of a
+//! conffile), runs `tqproxy check` on the installed configuration,
 //! starts the installed /usr/bin/tqproxy directly (no systemd as PID 1 here) on the installed
 //! configuration and workers with only its addresses moved (listeners, ports, control socket,
 //! logs and run directory: the packaged 127.0.0.1:8080, 8090 and 9000-9999 could be taken by a
@@ -262,6 +263,17 @@ fn the_debian_package_installs_serves_and_purges() {
         .output()
         .unwrap();
     assert!(text(&o).contains("-F _tqproxy tqproxy"), "{}", text(&o));
+
+    // Conffiles: installing the package again keeps a local edit (dpkg asks only when the
+    // package's own copy changed too).
+    let edit = "# a local edit, kept across upgrades\n";
+    let mut edited = conf.clone();
+    edited.push_str(edit);
+    std::fs::write("/etc/tqproxy/tqproxy.yaml", &edited).unwrap();
+    let o = dpkg(&["-i", &deb.display().to_string()]);
+    assert!(o.status.success(), "dpkg -i again: {}", text(&o));
+    let after = std::fs::read_to_string("/etc/tqproxy/tqproxy.yaml").unwrap();
+    assert!(after.ends_with(edit), "the local edit is gone:\n{after}");
 
     // The installed configuration checks, as shipped.
     let o = Command::new("/usr/bin/tqproxy")
