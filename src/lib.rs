@@ -20,6 +20,7 @@
 //! - [`status`]: the status document and the outcome of a change, with the [`status::ErrorKind`]
 //!   of a failure: plain data shared by the supervisor, the control socket, the CLI and metrics.
 //! - [`metrics`]: every Prometheus metric; [`admin`]: /metrics, /status, /healthz.
+//! - [`acme`]: automatic HTTPS: certificates obtained and renewed over ACME.
 //! - [`access_log`], [`timefmt`]: request logging.
 //! - [`server`]: composition root of `tqproxy run`; [`signals`]: what each signal does;
 //!   [`cli`]: the verbs.
@@ -28,6 +29,7 @@
 #![deny(unsafe_code)]
 
 pub mod access_log;
+pub mod acme;
 pub mod admin;
 pub mod cli;
 pub mod config;

@@ -25,6 +25,8 @@
 //! | `tqproxy_generation_requests_total` | counter | `worker`, `generation` |
 //! | `tqproxy_generation_errors_total` | counter (5xx answers) | `worker`, `generation` |
 //! | `tqproxy_canary_share_permille` | gauge (during a canary deploy) | `worker`, `generation` |
+//! | `tqproxy_acme_renewals_total` | counter | `result` (`ok`, `failed`) |
+//! | `tqproxy_certificate_expiry_timestamp_seconds` | gauge (ACME certificates) | `domain` (the first) |
 //! | `tqproxy_build_info` | gauge (always 1) | `version` |
 //! | `process_*` | the standard process metrics of tqproxy itself | |
 //!
@@ -86,6 +88,10 @@ pub struct Metrics {
     /// Worker log lines that could not be written (a full or failing disk), by worker.
     pub worker_log_dropped: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// ACME orders (obtain or renew) by result.
+    pub acme_renewals: IntCounterVec,
+    /// The expiry (Unix time) of each ACME certificate served, by its first domain.
+    pub certificate_expiry: GaugeVec,
     pub generation_requests: GaugeVec,
     pub generation_errors: GaugeVec,
     pub canary_share: IntGaugeVec,
@@ -233,8 +239,26 @@ fn build() -> Metrics {
         &["version"],
     )
     .expect("metric");
+    let acme_renewals = IntCounterVec::new(
+        Opts::new(
+            "tqproxy_acme_renewals_total",
+            "ACME certificate orders (first issuance or renewal) by result",
+        ),
+        &["result"],
+    )
+    .expect("metric");
+    let certificate_expiry = GaugeVec::new(
+        Opts::new(
+            "tqproxy_certificate_expiry_timestamp_seconds",
+            "When the ACME certificate served now expires (Unix time), by its first domain",
+        ),
+        &["domain"],
+    )
+    .expect("metric");
     for c in [
-        Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(acme_renewals.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(certificate_expiry.clone()),
+        Box::new(requests.clone()),
         Box::new(duration.clone()),
         Box::new(upstream_errors.clone()),
         Box::new(retries.clone()),
@@ -259,6 +283,7 @@ fn build() -> Metrics {
     // Series that exist from the start (a scrape shows 0, not nothing).
     for r in ["ok", "failed"] {
         reloads.with_label_values(&[r]);
+        acme_renewals.with_label_values(&[r]);
     }
     let no_route = unrouted.with_label_values(&["no_route"]);
     build_info
@@ -282,6 +307,8 @@ fn build() -> Metrics {
         access_log_dropped,
         worker_log_dropped,
         build_info,
+        acme_renewals,
+        certificate_expiry,
         generation_requests,
         generation_errors,
         canary_share,

@@ -182,8 +182,15 @@ pub fn run(config_path: &Path, opts: RunOptions) -> Result<Stopped, StartupError
         }
         _ => sup_service,
     };
-    let proxy = proxy_service(&config, routes, access_log.clone(), tls.configs);
+    let acme = tls.acme.clone();
+    let proxy = proxy_service(&config, routes, access_log.clone(), tls.configs, &acme);
     server.add_service(proxy).add_dependency(&listen_after);
+    if !acme.managed.is_empty() {
+        // Orders start once the listeners answer the CA's validation.
+        server
+            .add_service(background_service("acme", AcmeService(acme)))
+            .add_dependency(&listen_after);
+    }
     if let Some(addr) = config.admin {
         server
             .add_service(admin_service(addr, &sup))
@@ -263,19 +270,27 @@ fn open_access_log(config: &Config) -> Result<Option<AccessLog>, StartupError> {
         })
 }
 
-/// The TLS listeners: the rustls configuration of each (for [`TlsFront`]), and the resolvers
-/// through which `reload` swaps certificates on live listeners.
+/// The TLS listeners: the rustls configuration of each (for [`TlsFront`]), the resolvers
+/// through which `reload` swaps certificates on live listeners, and the ACME certificates
+/// (each loaded from its state directory, if there; renewed by the `acme` service).
 struct Tls {
     configs: Vec<(SocketAddr, Arc<rustls::ServerConfig>)>,
     resolvers: Vec<(SocketAddr, Arc<SniResolver>, Negotiation)>,
+    acme: Arc<crate::acme::Acme>,
 }
 
 impl Tls {
     fn load(config: &Config) -> Result<Tls, StartupError> {
-        let mut tls = Tls {
-            configs: Vec::new(),
-            resolvers: Vec::new(),
-        };
+        let mut configs = Vec::new();
+        let mut resolvers = Vec::new();
+        let dirs = config
+            .listeners
+            .iter()
+            .filter_map(|l| acme_of(&l.kind))
+            .map(|a| a.state_dir.clone())
+            .collect();
+        let challenges = Arc::new(crate::acme::Challenges::new(dirs));
+        let mut managed: Vec<Arc<crate::acme::Managed>> = Vec::new();
         for l in &config.listeners {
             let Some((certificates, how)) = tls_listener(&l.kind) else {
                 continue;
@@ -288,12 +303,43 @@ impl Tls {
             for line in &store.summary {
                 tracing::info!(listener = %l.addr, "certificate {line}");
             }
-            let resolver = Arc::new(SniResolver::new(store));
+            let mut acme = Vec::new();
+            if let Some(a) = acme_of(&l.kind) {
+                // Two listeners with the same block share one certificate and one renewal.
+                let m = match managed.iter().find(|m| m.settings == *a) {
+                    Some(m) => m.clone(),
+                    None => {
+                        let m = Arc::new(crate::acme::Managed::load(a.clone()).map_err(err)?);
+                        managed.push(m.clone());
+                        m
+                    }
+                };
+                acme.push(m);
+            }
+            let alpn_challenges = how.acme_tls_alpn.then(|| challenges.clone());
+            let resolver = Arc::new(SniResolver::with_acme(store, acme, alpn_challenges));
             let server_config = crate::tls::server_config(resolver.clone(), &how).map_err(err)?;
-            tls.configs.push((l.addr, server_config));
-            tls.resolvers.push((l.addr, resolver, how));
+            configs.push((l.addr, server_config));
+            resolvers.push((l.addr, resolver, how));
         }
-        Ok(tls)
+        let acme = Arc::new(crate::acme::Acme {
+            managed,
+            challenges,
+        });
+        crate::acme::install(acme.clone());
+        Ok(Tls {
+            configs,
+            resolvers,
+            acme,
+        })
+    }
+}
+
+/// A TLS listener's `tls.acme`.
+fn acme_of(kind: &ListenerKind) -> Option<&crate::acme::AcmeSettings> {
+    match kind {
+        ListenerKind::Tls { acme, .. } => acme.as_ref(),
+        _ => None,
     }
 }
 
@@ -305,12 +351,16 @@ fn tls_listener(kind: &ListenerKind) -> Option<(&[crate::tls::CertFiles], Negoti
             h2,
             session_cache,
             tickets,
+            acme,
         } => Some((
             certificates,
             Negotiation {
                 h2: *h2,
                 session_cache: *session_cache,
                 tickets: *tickets,
+                acme_tls_alpn: acme
+                    .as_ref()
+                    .is_some_and(|a| a.challenge == crate::acme::ChallengeKind::TlsAlpn01),
             },
         )),
         _ => None,
@@ -472,6 +522,7 @@ fn proxy_service(
     routes: Arc<RouteHandle>,
     access_log: Option<AccessLog>,
     tls: Vec<(SocketAddr, Arc<rustls::ServerConfig>)>,
+    acme: &crate::acme::Acme,
 ) -> Service<TlsFront<Engine>> {
     let redirects: HashMap<u16, u16> = config
         .listeners
@@ -482,7 +533,15 @@ fn proxy_service(
         })
         .collect();
     let p = &config.proxy;
-    let policy = Arc::new(Policy::new(routes, access_log, redirects, p.max_retries));
+    let mut policy = Policy::new(routes, access_log, redirects, p.max_retries);
+    if acme
+        .managed
+        .iter()
+        .any(|m| m.settings.challenge == crate::acme::ChallengeKind::Http01)
+    {
+        policy.acme = Some(acme.challenges.clone());
+    }
+    let policy = Arc::new(policy);
     let settings = Settings {
         header_timeout: p.client_header_timeout,
         keepalive_timeout: p.client_keepalive_timeout,
@@ -549,6 +608,24 @@ fn serve(
         }
         Ok(Event::Failed(e)) => Err(e),
         Err(mpsc::RecvError) => Err(StartupError::ServerPanicked),
+    }
+}
+
+/// The renewal task of every ACME certificate ([`crate::acme::Managed::run`]).
+struct AcmeService(Arc<crate::acme::Acme>);
+
+#[async_trait]
+impl BackgroundService for AcmeService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let tasks: Vec<_> = self
+            .0
+            .managed
+            .iter()
+            .map(|m| tokio::spawn(m.clone().run(self.0.challenges.clone(), shutdown.clone())))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
     }
 }
 
@@ -649,6 +726,17 @@ fn reload_certificates(
                 "warning: TLS {addr}: h2/session_cache/tickets changed; they apply at `tqproxy upgrade`"
             ));
         }
+        let old_acme = configured_acme(resolver);
+        let new_acme = config
+            .listeners
+            .iter()
+            .filter(|l| l.addr == *addr)
+            .find_map(|l| acme_of(&l.kind));
+        if old_acme.as_ref() != new_acme {
+            lines.push(format!(
+                "warning: TLS {addr}: tls.acme changed; it applies at `tqproxy upgrade`"
+            ));
+        }
         stores.push((addr, resolver, store));
     }
     for (addr, resolver, store) in stores {
@@ -656,6 +744,11 @@ fn reload_certificates(
         resolver.replace(store);
     }
     Ok(lines)
+}
+
+/// The `tls.acme` a listener started with.
+fn configured_acme(resolver: &SniResolver) -> Option<crate::acme::AcmeSettings> {
+    resolver.acme_settings().first().cloned()
 }
 
 /// The new process's side of `tqproxy upgrade`, once its own instances are up: check them,

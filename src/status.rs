@@ -21,7 +21,37 @@ pub struct StatusReport {
     /// `starting`, `running` or `stopping`.
     pub state: String,
     pub workers: Vec<WorkerStatus>,
+    /// The ACME certificates (`tls.acme`); absent from an older tqproxy's document.
+    #[serde(default)]
+    pub certificates: Vec<CertificateStatus>,
 }
+
+/// One certificate obtained and renewed over ACME (`tqproxy certs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CertificateStatus {
+    pub domains: Vec<String>,
+    /// `http-01` or `tls-alpn-01`.
+    pub challenge: String,
+    pub directory: String,
+    pub state_dir: String,
+    /// The certificate served now: none before the first issuance.
+    pub issuer: Option<String>,
+    pub serial: Option<String>,
+    /// RFC 3339.
+    pub not_after: Option<String>,
+    pub expires_in_secs: Option<i64>,
+    pub next_renewal: Option<String>,
+    pub next_renewal_in_secs: Option<i64>,
+    /// An attempt is under way.
+    pub renewing: bool,
+    /// Failed attempts in a row (0 after a success).
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+/// `/healthz` warns (and still answers 200) when an ACME certificate's renewal fails and it
+/// expires within this many seconds (7 days), or when there is none yet and obtaining it fails.
+pub const CERT_WARN_SECS: i64 = 7 * 86400;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkerStatus {
@@ -365,6 +395,27 @@ impl StatusReport {
         }
     }
 
+    /// Warnings that do not make the machine unhealthy: ACME certificates whose renewal fails
+    /// close to expiry (see [`CERT_WARN_SECS`]).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.certificates {
+            let Some(err) = c.last_error.as_deref().filter(|_| c.failures > 0) else {
+                continue;
+            };
+            let names = c.domains.join(", ");
+            match c.expires_in_secs {
+                None => out.push(format!("no certificate yet for {names}: {err}")),
+                Some(s) if s < CERT_WARN_SECS => out.push(format!(
+                    "the certificate for {names} expires in {} and its renewal fails: {err}",
+                    fmt_secs(s)
+                )),
+                Some(_) => {}
+            }
+        }
+        out
+    }
+
     /// The terminal table of `tqproxy status`.
     pub fn render_table(&self) -> String {
         let mut out = String::new();
@@ -497,6 +548,23 @@ impl StatusReport {
     }
 }
 
+/// `3d 4h`, `5h 2m`, `40s`; `expired` for a negative count.
+pub fn fmt_secs(s: i64) -> String {
+    if s < 0 {
+        return "expired".into();
+    }
+    let (d, h, m) = (s / 86400, s % 86400 / 3600, s % 3600 / 60);
+    if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {}s", s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,6 +623,7 @@ mod tests {
             cgroups: Some("v2".into()),
             state: "running".into(),
             workers,
+            certificates: Vec::new(),
         }
     }
 

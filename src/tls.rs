@@ -20,6 +20,13 @@
 //! handshake with that acceptor, then hands the TLS stream to the engine, which reads the
 //! ALPN result: `h2` to the HTTP/2 server, anything else (`http/1.1`, or none) to the HTTP/1.1
 //! engine.
+//!
+//! A listener with `tls.acme` also serves the ACME certificates ([`crate::acme::Managed`]) by
+//! SNI next to its explicit ones: an explicit certificate's exact name first, then its
+//! wildcards, then the ACME certificates' names; the default (no or unknown SNI) is the first
+//! explicit certificate, else the first ACME certificate issued. With `challenge:
+//! tls-alpn-01` it also offers the `acme-tls/1` ALPN: a handshake that offers only that gets
+//! the challenge certificate ([`crate::acme::Challenges::tls_alpn`]) and is closed after it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -138,7 +145,7 @@ pub struct CertStore {
     exact: HashMap<String, Arc<CertifiedKey>>,
     /// `*.example.com` stored as `.example.com`.
     wildcard: Vec<(String, Arc<CertifiedKey>)>,
-    default: Arc<CertifiedKey>,
+    default: Option<Arc<CertifiedKey>>,
     /// One line per certificate, for logs and reload output.
     pub summary: Vec<String>,
 }
@@ -174,7 +181,6 @@ impl CertStore {
             }
             default.get_or_insert(c.key);
         }
-        let default = default.ok_or("no certificate configured")?;
         wildcard.sort_by_key(|w: &(String, _)| std::cmp::Reverse(w.0.len()));
         Ok(CertStore {
             exact,
@@ -184,34 +190,97 @@ impl CertStore {
         })
     }
 
-    pub fn pick(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
-        if let Some(name) = server_name {
-            let name = name.to_ascii_lowercase();
-            if let Some(k) = self.exact.get(&name) {
-                return k.clone();
-            }
-            // A wildcard covers exactly one label.
-            if let Some((_, k)) = self.wildcard.iter().find(|(suffix, _)| {
-                name.ends_with(suffix.as_str()) && !name[..name.len() - suffix.len()].contains('.')
-            }) {
-                return k.clone();
-            }
+    /// The certificate for `server_name`, else the default (none when the store is empty:
+    /// a listener with only ACME certificates).
+    pub fn pick(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        server_name
+            .and_then(|n| self.named(&n.to_ascii_lowercase()))
+            .or_else(|| self.default.clone())
+    }
+
+    /// The certificate whose name (exact, else a wildcard) is `name` (lowercase).
+    fn named(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some(k) = self.exact.get(name) {
+            return Some(k.clone());
         }
-        self.default.clone()
+        // A wildcard covers exactly one label.
+        self.wildcard
+            .iter()
+            .find(|(suffix, _)| {
+                name.ends_with(suffix.as_str()) && !name[..name.len() - suffix.len()].contains('.')
+            })
+            .map(|(_, k)| k.clone())
     }
 }
 
 /// rustls' certificate hook for one listener; the store is replaced on reload.
-#[derive(Debug)]
 pub struct SniResolver {
     store: ArcSwap<CertStore>,
+    /// The listener's ACME certificates (`tls.acme`), swapped in by their renewal task.
+    acme: Vec<Arc<crate::acme::Managed>>,
+    /// Set when the listener answers tls-alpn-01.
+    challenges: Option<Arc<crate::acme::Challenges>>,
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SniResolver")
+            .field("store", &self.store)
+            .field("acme", &self.acme.len())
+            .finish()
+    }
 }
 
 impl SniResolver {
     pub fn new(store: CertStore) -> SniResolver {
+        SniResolver::with_acme(store, Vec::new(), None)
+    }
+
+    /// Explicit certificates and ACME ones; `challenges` when the listener answers
+    /// tls-alpn-01.
+    pub fn with_acme(
+        store: CertStore,
+        acme: Vec<Arc<crate::acme::Managed>>,
+        challenges: Option<Arc<crate::acme::Challenges>>,
+    ) -> SniResolver {
         SniResolver {
             store: ArcSwap::from_pointee(store),
+            acme,
+            challenges,
         }
+    }
+
+    /// The `tls.acme` blocks this listener serves.
+    pub fn acme_settings(&self) -> Vec<crate::acme::AcmeSettings> {
+        self.acme.iter().map(|m| m.settings.clone()).collect()
+    }
+
+    /// The certificate for a handshake with this SNI and ALPN offer.
+    pub fn choose<'a>(
+        &self,
+        server_name: Option<&str>,
+        mut alpn: impl Iterator<Item = &'a [u8]>,
+    ) -> Option<Arc<CertifiedKey>> {
+        if let Some(ch) = &self.challenges
+            && alpn.next() == Some(crate::acme::ACME_TLS_ALPN)
+            && alpn.next().is_none()
+        {
+            return ch.tls_alpn(server_name);
+        }
+        let store = self.store.load();
+        let name = server_name.map(|n| n.to_ascii_lowercase());
+        if let Some(name) = &name {
+            if let Some(k) = store.named(name) {
+                return Some(k);
+            }
+            if let Some(k) = self.acme.iter().find_map(|m| m.cert_for(name)) {
+                return Some(k);
+            }
+        }
+        store
+            .default
+            .clone()
+            .or_else(|| self.acme.iter().find_map(|m| m.cert()))
     }
 
     pub fn replace(&self, store: CertStore) {
@@ -225,7 +294,8 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.store.load().pick(hello.server_name()))
+        let alpn: Vec<&[u8]> = hello.alpn().into_iter().flatten().collect();
+        self.choose(hello.server_name(), alpn.into_iter())
     }
 }
 
@@ -238,6 +308,8 @@ pub struct Negotiation {
     pub session_cache: usize,
     /// Stateless session tickets.
     pub tickets: bool,
+    /// Offer `acme-tls/1` too (last), for the tls-alpn-01 challenge of `tls.acme`.
+    pub acme_tls_alpn: bool,
 }
 
 impl Negotiation {
@@ -250,6 +322,9 @@ impl Negotiation {
             alpn.push(b"h2".to_vec());
         }
         alpn.push(b"http/1.1".to_vec());
+        if self.acme_tls_alpn {
+            alpn.push(crate::acme::ACME_TLS_ALPN.to_vec());
+        }
         alpn
     }
 }
@@ -358,6 +433,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for TlsFront<A> {
                 return None;
             }
         };
+        if let Some(pingora::protocols::ALPN::Custom(c)) =
+            pingora::protocols::Ssl::selected_alpn_proto(&tls)
+            && c.protocol() == crate::acme::ACME_TLS_ALPN
+        {
+            // A tls-alpn-01 validation: the handshake was the whole answer (RFC 8737 §3).
+            return None;
+        }
         self.inner.process_new(Box::new(tls), shutdown).await
     }
 
@@ -385,6 +467,12 @@ mod tests {
         files
     }
 
+    impl CertStore {
+        fn pick_some(&self, n: Option<&str>) -> Arc<CertifiedKey> {
+            self.pick(n).unwrap()
+        }
+    }
+
     #[test]
     fn picks_by_name_with_wildcards_and_default() {
         let d = tempfile::tempdir().unwrap();
@@ -393,27 +481,27 @@ mod tests {
         let store = CertStore::load(&[a, w]).unwrap();
         let name_of = |k: Arc<CertifiedKey>| names_of(&k.cert[0]).unwrap().0;
         assert_eq!(
-            name_of(store.pick(Some("a.example.test"))),
+            name_of(store.pick_some(Some("a.example.test"))),
             vec!["a.example.test"]
         );
         assert_eq!(
-            name_of(store.pick(Some("A.EXAMPLE.TEST"))),
+            name_of(store.pick_some(Some("A.EXAMPLE.TEST"))),
             vec!["a.example.test"]
         );
         assert_eq!(
-            name_of(store.pick(Some("x.wild.test"))),
+            name_of(store.pick_some(Some("x.wild.test"))),
             vec!["*.wild.test", "wild.test"]
         );
         assert_eq!(
-            name_of(store.pick(Some("wild.test"))),
+            name_of(store.pick_some(Some("wild.test"))),
             vec!["*.wild.test", "wild.test"]
         );
         // one label only; unknown names get the first certificate
         assert_eq!(
-            name_of(store.pick(Some("a.b.wild.test"))),
+            name_of(store.pick_some(Some("a.b.wild.test"))),
             vec!["a.example.test"]
         );
-        assert_eq!(name_of(store.pick(None)), vec!["a.example.test"]);
+        assert_eq!(name_of(store.pick_some(None)), vec!["a.example.test"]);
     }
 
     #[test]
@@ -425,6 +513,7 @@ mod tests {
             h2: true,
             session_cache: 100,
             tickets: true,
+            acme_tls_alpn: false,
         };
         let c = server_config(resolver.clone(), &on).unwrap();
         assert_eq!(c.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
@@ -434,6 +523,7 @@ mod tests {
             h2: false,
             session_cache: 0,
             tickets: false,
+            acme_tls_alpn: false,
         };
         let c = server_config(resolver, &off).unwrap();
         assert_eq!(c.alpn_protocols, [b"http/1.1".to_vec()]);
@@ -450,6 +540,7 @@ mod tests {
             h2: true,
             session_cache: 1,
             tickets: false,
+            acme_tls_alpn: false,
         };
         let config = server_config(resolver, &how).unwrap();
         let addr = |s: &str| s.parse::<SocketAddr>().unwrap();

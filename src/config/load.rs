@@ -262,14 +262,20 @@ fn tls(
             "`cert` and `key` go together".into(),
         )),
     }
-    if certificates.is_empty() {
+    let acme = t
+        .acme
+        .as_ref()
+        .and_then(|a| super::acme::acme(a, key, dir, ctx, errors));
+    if certificates.is_empty() && t.acme.is_none() {
         errors.push(ctx.err(
             &["listen", "tls"],
             None,
             format!("{key}.tls"),
-            "needs `cert` and `key` (or `certificates: [{cert, key}, …]`)".into(),
+            "needs `cert` and `key` (or `certificates: [{cert, key}, …]`, or `acme`)".into(),
         ));
-    } else if let Err(e) = crate::tls::CertStore::load(&certificates) {
+    } else if !certificates.is_empty()
+        && let Err(e) = crate::tls::CertStore::load(&certificates)
+    {
         errors.push(ctx.err(&["listen", "tls"], None, format!("{key}.tls"), e));
     }
     let session_cache = t.session_cache.unwrap_or(DEFAULT_TLS_SESSION_CACHE);
@@ -286,6 +292,7 @@ fn tls(
         h2: t.h2.unwrap_or(true),
         session_cache,
         tickets: t.tickets.unwrap_or(true),
+        acme,
     }
 }
 

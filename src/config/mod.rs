@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
+mod acme;
 mod check;
 mod load;
 mod locate;
@@ -203,6 +204,9 @@ pub enum ListenerKind {
         session_cache: usize,
         /// `tls.tickets`: stateless session tickets, keys rotated every 6 hours (default true).
         tickets: bool,
+        /// `tls.acme`: a certificate obtained and renewed over ACME (see [`crate::acme`]),
+        /// served by SNI next to `certificates` (which may then be empty).
+        acme: Option<crate::acme::AcmeSettings>,
     },
     /// Answers every request with a redirect to `https://<host>:<port>` (port 443 omitted).
     RedirectHttps {

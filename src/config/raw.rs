@@ -107,6 +107,7 @@ pub(super) struct RawTls {
     pub(super) h2: Option<bool>,
     pub(super) session_cache: Option<usize>,
     pub(super) tickets: Option<bool>,
+    pub(super) acme: Option<super::acme::RawAcme>,
 }
 
 #[derive(Debug, Deserialize)]

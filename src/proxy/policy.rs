@@ -40,6 +40,9 @@ pub struct Policy {
     redirects: HashMap<u16, u16>,
     /// Attempts per request, the first included (`proxy.max_retries`).
     pub max_attempts: usize,
+    /// ACME http-01 answers, when a `tls.acme` block uses http-01: served on plain
+    /// listeners before routing and before `redirect_https`.
+    pub acme: Option<Arc<crate::acme::Challenges>>,
 }
 
 /// Why no instance could take a request.
@@ -74,6 +77,7 @@ impl Policy {
             access_log,
             redirects,
             max_attempts: max_attempts.max(1),
+            acme: None,
         }
     }
 

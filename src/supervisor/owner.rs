@@ -1150,6 +1150,7 @@ impl Owner {
             }
             .to_string(),
             workers,
+            certificates: crate::acme::report(),
         }
     }
 }

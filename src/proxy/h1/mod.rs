@@ -346,6 +346,8 @@ enum Decision {
 enum LocalAnswer {
     Page(ErrorPage),
     Redirect(u16, String),
+    /// An ACME http-01 key authorization (200, text/plain, exactly these bytes).
+    Challenge(String),
 }
 
 /// The state of one client connection.
@@ -676,6 +678,15 @@ impl Conn {
         }
         let host = req.host_span().map(|s| s.str(all));
         let path = req.path(all);
+        // ACME http-01, on plain listeners only, before routing and the https redirect; a
+        // token that is not ours goes on (a worker may answer it).
+        if !self.https
+            && policy::is_acme_challenge(path)
+            && let Some(ch) = &self.engine.policy.acme
+            && let Some(key_auth) = ch.http01(path)
+        {
+            return local(LocalAnswer::Challenge(key_auth));
+        }
         if let Some(port) = self.redirect_to
             && !policy::is_acme_challenge(path)
         {
@@ -764,6 +775,9 @@ impl Conn {
                 }
                 Decision::Local(LocalAnswer::Redirect(status, location)) => {
                     return self.redirect(ex, status, &location).await;
+                }
+                Decision::Local(LocalAnswer::Challenge(body)) => {
+                    return self.challenge(ex, &body).await;
                 }
                 Decision::Wait => {
                     let Some(e) = ex.as_ref() else {
@@ -886,6 +900,37 @@ impl Conn {
             if close { "Connection: close\r\n" } else { "" }
         );
         e.status = status;
+        let ok = self.send_head(&out.0).await;
+        if !close {
+            e.body_end.get_or_insert(e.req.head_len);
+        }
+        self.finish(&mut e);
+        match (ok, close) {
+            (false, _) => Next::Close,
+            (true, true) => Next::Linger,
+            (true, false) => Next::KeepAlive,
+        }
+    }
+
+    /// The answer to an ACME http-01 validation request: the key authorization.
+    async fn challenge(&mut self, ex: Option<Exchange>, body: &str) -> Next {
+        let Some(mut e) = ex else {
+            return Next::Close;
+        };
+        let close =
+            !self.keeps_alive(&e.req) || (e.body_end.is_none() && e.req.framing != Framing::None);
+        let mut out = Scratch::take();
+        let _ = write!(
+            out.0,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{}\r\n",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if e.req.method != Method::Head {
+            out.0.extend_from_slice(body.as_bytes());
+            e.bytes = body.len() as u64;
+        }
+        e.status = 200;
         let ok = self.send_head(&out.0).await;
         if !close {
             e.body_end.get_or_insert(e.req.head_len);
