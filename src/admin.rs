@@ -4,7 +4,9 @@
 //! - `GET /status`: a self-contained HTML page that refreshes itself from `/status.json`;
 //! - `GET /status.json`: the same document as `tqproxy status --json`;
 //! - `GET /healthz`: 200 when every worker that should run has a ready routed instance, else
-//!   503 and one line naming the workers that have none and why (for external load balancers).
+//!   503 and one line naming the workers that have none and why (for external load balancers);
+//!   still 200, with `warning:` lines, when an ACME certificate's renewal fails within 7 days
+//!   of its expiry.
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -93,7 +95,13 @@ impl Admin {
                     "tqproxy is stopping\n".into(),
                 ),
                 Some(st) => match health(&st) {
-                    Ok(()) => text(StatusCode::OK, "ok\n".into()),
+                    // A certificate close to expiry whose renewal fails: a warning, still 200.
+                    Ok(()) => text(
+                        StatusCode::OK,
+                        st.warnings()
+                            .iter()
+                            .fold("ok\n".to_string(), |s, w| s + "warning: " + w + "\n"),
+                    ),
                     Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                 },
             },

@@ -66,6 +66,10 @@ pub enum ControlRequest {
     Upgrade {
         binary: PathBuf,
     },
+    /// `tqproxy certs renew DOMAIN`: renew the ACME certificate covering `domain` now.
+    RenewCertificate {
+        domain: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -480,6 +484,9 @@ impl ControlService {
                 Ok((pid, log)) => ControlResponse::Upgrading { pid, log },
                 Err(e) => ControlResponse::error(&e),
             },
+            ControlRequest::RenewCertificate { domain } => {
+                outcome(Outcome::single("-", crate::acme::force_renewal(&domain)))
+            }
             ControlRequest::Stop {} => {
                 // The shutdown itself is triggered by `handle` once this answer is written.
                 ControlResponse::Stopping {

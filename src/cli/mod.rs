@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+mod certs;
+
 use crate::config::{Config, Strategy};
 use crate::control::{ControlRequest, ControlResponse, call};
 use crate::status::{ErrorKind, Outcome};
@@ -125,6 +127,15 @@ pub enum Command {
         /// The directory to write them into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+    },
+    /// List the ACME certificates (domains, issuer, expiry, next renewal); `certs renew
+    /// DOMAIN` renews one now.
+    Certs {
+        #[command(subcommand)]
+        action: Option<certs::CertsAction>,
+        /// The status document's `certificates`, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop gracefully: drain requests, stop every instance, exit.
     Stop {
@@ -426,6 +437,7 @@ async fn client(cmd: &Command, socket: &Path) -> i32 {
             long,
         ),
         Command::Reload => (ControlRequest::Reload {}, long),
+        Command::Certs { action, .. } => certs::request(action.as_ref()),
         Command::Stop { .. } => (ControlRequest::Stop {}, Duration::from_secs(10)),
         Command::Run { .. }
         | Command::Check { .. }
@@ -457,6 +469,7 @@ async fn client(cmd: &Command, socket: &Path) -> i32 {
             }
             0
         }
+        (Command::Certs { json, .. }, ControlResponse::Status(st)) => certs::print(&st, *json),
         (Command::Stop { timeout }, ControlResponse::Stopping { pid }) => {
             let started = Instant::now();
             let pid = nix::unistd::Pid::from_raw(pid as i32);

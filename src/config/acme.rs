@@ -128,6 +128,15 @@ pub(super) fn acme(
         }
     };
     let state_dir = resolve(dir, a.state_dir.as_deref().unwrap_or("../acme"));
+    // `check` (and every load) sees that the state directory can be used, without creating it.
+    if let Err(e) = crate::acme::store::check_dir(&state_dir) {
+        errors.push(ctx.err(
+            &path("state_dir"),
+            None,
+            at("state_dir"),
+            format!("{}: {e}", state_dir.display()),
+        ));
+    }
     (errors.len() == before).then_some(AcmeSettings {
         domains,
         email: a.email.clone(),
