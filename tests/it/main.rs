@@ -1,6 +1,7 @@
 //! Integration tests: one binary (links once), driving the real `tqproxy` binary against real
 //! worker processes, sockets and cgroups.
 
+mod acme;
 mod canary;
 mod cli;
 mod config;
