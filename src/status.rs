@@ -687,6 +687,43 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_renewal_warns_only_near_expiry() {
+        let cert = |expires: Option<i64>, failures: u32| CertificateStatus {
+            domains: vec!["a.test".into()],
+            challenge: "http-01".into(),
+            directory: "https://ca.test/dir".into(),
+            state_dir: "/s".into(),
+            issuer: expires.map(|_| "CN=CA".into()),
+            serial: expires.map(|_| "01".into()),
+            not_after: None,
+            expires_in_secs: expires,
+            next_renewal: None,
+            next_renewal_in_secs: None,
+            renewing: false,
+            failures,
+            last_error: (failures > 0).then(|| "new order: connection refused".into()),
+        };
+        let mut st = report(vec![]);
+        st.certificates = vec![
+            cert(Some(30 * 86400), 3),    // failing, far from expiry: quiet
+            cert(Some(2 * 86400), 0),     // close, but no failure (a renewal is under way)
+            cert(Some(2 * 86400 + 5), 1), // close and failing
+            cert(None, 2),                // never obtained
+        ];
+        assert_eq!(
+            st.warnings(),
+            vec![
+                "the certificate for a.test expires in 2d 0h and its renewal fails: new order: connection refused".to_string(),
+                "no certificate yet for a.test: new order: connection refused".to_string(),
+            ]
+        );
+        // A warning, not a failure.
+        assert_eq!(st.health(), Ok(()));
+        assert_eq!(fmt_secs(-1), "expired");
+        assert_eq!(fmt_secs(3 * 3600 + 120), "3h 2m");
+    }
+
+    #[test]
     fn healthy_when_every_expected_worker_serves() {
         let st = report(vec![
             worker(
