@@ -505,6 +505,63 @@ mod tests {
     }
 
     #[test]
+    fn acme_certificates_are_chosen_by_sni_next_to_explicit_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write_cert(d.path(), "a", &["a.test"]);
+        // An ACME certificate already in its state directory (key + chain in one file).
+        let state = d.path().join("acme");
+        std::fs::create_dir_all(state.join("certs")).unwrap();
+        let m = write_cert(d.path(), "m", &["m.test", "n.test"]);
+        let pem =
+            std::fs::read_to_string(&m.key).unwrap() + &std::fs::read_to_string(&m.cert).unwrap();
+        std::fs::write(state.join("certs/m.test.pem"), pem).unwrap();
+        let settings = crate::acme::AcmeSettings {
+            domains: vec!["m.test".into(), "n.test".into()],
+            email: None,
+            directory: crate::acme::LETSENCRYPT_STAGING.into(),
+            directory_ca: None,
+            challenge: crate::acme::ChallengeKind::TlsAlpn01,
+            renew_before: crate::acme::DEFAULT_RENEW_BEFORE,
+            state_dir: state,
+        };
+        let managed = Arc::new(crate::acme::Managed::load(settings).unwrap());
+        let challenges = Arc::new(crate::acme::Challenges::new(vec![]));
+        let name_of = |k: Option<Arc<CertifiedKey>>| names_of(&k.unwrap().cert[0]).unwrap().0;
+        let none = || std::iter::empty::<&[u8]>();
+        let mixed = SniResolver::with_acme(
+            CertStore::load(&[a]).unwrap(),
+            vec![managed.clone()],
+            Some(challenges.clone()),
+        );
+        assert_eq!(
+            name_of(mixed.choose(Some("N.test"), none())),
+            ["m.test", "n.test"]
+        );
+        assert_eq!(name_of(mixed.choose(Some("a.test"), none())), ["a.test"]);
+        // Unknown or no name: the explicit certificate is the default.
+        assert_eq!(name_of(mixed.choose(Some("zzz.test"), none())), ["a.test"]);
+        assert_eq!(name_of(mixed.choose(None, none())), ["a.test"]);
+        // acme-tls/1 alone: the challenge certificate or nothing, never a real one.
+        let alpn = [crate::acme::ACME_TLS_ALPN];
+        assert!(mixed.choose(Some("m.test"), alpn.into_iter()).is_none());
+        challenges.set_tls_alpn(
+            "m.test",
+            crate::acme::client::tls_alpn_cert("m.test", "t.k").unwrap(),
+        );
+        let c = mixed.choose(Some("m.test"), alpn.into_iter()).unwrap();
+        assert_ne!(c.cert[0], managed.cert().unwrap().cert[0]);
+        // ... but with other protocols offered too, a normal handshake.
+        let both = [b"h2".as_slice(), crate::acme::ACME_TLS_ALPN];
+        assert_eq!(
+            name_of(mixed.choose(Some("m.test"), both.into_iter())),
+            ["m.test", "n.test"]
+        );
+        // Only ACME: its certificate is the default.
+        let only = SniResolver::with_acme(CertStore::load(&[]).unwrap(), vec![managed], None);
+        assert_eq!(name_of(only.choose(None, none())), ["m.test", "n.test"]);
+    }
+
+    #[test]
     fn the_server_config_follows_the_listener() {
         let d = tempfile::tempdir().unwrap();
         let a = write_cert(d.path(), "a", &["a.test"]);
