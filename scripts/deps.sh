@@ -26,6 +26,7 @@ if [[ "${1:-}" == "--test" ]]; then
   [[ -x /usr/bin/gunicorn ]] || want+=(gunicorn)
   [[ -x /usr/bin/node ]] || want+=(nodejs)
   [[ -x /usr/bin/go ]] || want+=(golang-go)
+  [[ -x /usr/bin/pebble && -x /usr/bin/pebble-challtestsrv ]] || want+=(pebble)  # tests/it/acme.rs: the ACME CA and its mock DNS
 fi
 if [[ "${1:-}" == "--bench" ]]; then                       # load-tests/bench and idle-conns (they also do this)
   command -v wrk >/dev/null 2>&1 || want+=(wrk)

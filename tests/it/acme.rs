@@ -659,9 +659,9 @@ fn a_ca_unreachable_at_renewal_keeps_the_old_certificate_and_says_so() {
 #[test]
 fn an_upgrade_during_an_order_completes_it_once() {
     let mut a = AcmeEnv::new();
-    // Validation sleeps (up to 3 s, pebble's random draw) so the order is under way when the
+    // Validation sleeps (0 to 4 s, pebble's random draw) so the order is under way when the
     // upgrade starts.
-    let pebble = Pebble::start(a.http_port(), a.tls, &[("PEBBLE_VA_SLEEPTIME", "3")]);
+    let pebble = Pebble::start(a.http_port(), a.tls, &[("PEBBLE_VA_SLEEPTIME", "5")]);
     a.write(&Acme {
         domains: "[u.acme.test]",
         challenge: "http-01",
@@ -675,6 +675,8 @@ fn an_upgrade_during_an_order_completes_it_once() {
         (orders_placed(&a.env.output()) >= 1).then_some(())
     });
     let old = a.env.pid();
+    // pebble's sleep is a random draw (0 to 4 s): usually the order is still under way here.
+    let under_way = issued_lines(&a.env.output()) == 0;
     let out = a.env.ok(&["upgrade"]);
     assert!(out.contains("upgraded"), "{out}");
     let new_log = out
@@ -703,13 +705,15 @@ fn an_upgrade_during_an_order_completes_it_once() {
         "{verbose}"
     );
     eprintln!(
-        "upgrade during an order: serial {}, issued by the {} process",
+        "upgrade during an order: under way at the upgrade: {under_way}; serial {}, issued by the {} process; the new one waited for the lock: {}, adopted: {}",
         c.serial.unwrap(),
         if issued_lines(&old_out) == 1 {
             "old"
         } else {
             "new"
-        }
+        },
+        new_out.contains("holds the ACME lock"),
+        new_out.contains("adopted"),
     );
     let new_pid = st.pid;
     a.env.ok(&["stop"]);
