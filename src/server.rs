@@ -188,7 +188,7 @@ pub fn run(config_path: &Path, opts: RunOptions) -> Result<Stopped, StartupError
     if !acme.managed.is_empty() {
         // Orders start once the listeners answer the CA's validation.
         server
-            .add_service(background_service("acme", AcmeService(acme)))
+            .add_service(background_service("acme", AcmeService(acme.clone())))
             .add_dependency(&listen_after);
     }
     if let Some(addr) = config.admin {
@@ -198,6 +198,9 @@ pub fn run(config_path: &Path, opts: RunOptions) -> Result<Stopped, StartupError
     }
 
     let stopped = serve(server, signals::Shutdown { stop }, events_tx, events);
+    // An ACME order under way (this process holds the state directory's lock) is finished
+    // rather than left at the CA; a new process of an upgrade waits for it and adopts it.
+    acme.finish_orders(Duration::from_secs(30));
     if let Some(log) = access_log {
         log.flush(Duration::from_secs(2));
     }
@@ -740,7 +743,14 @@ fn reload_certificates(
         stores.push((addr, resolver, store));
     }
     for (addr, resolver, store) in stores {
-        lines.push(format!("TLS {addr}: {}", store.summary.join("; ")));
+        let mut parts = store.summary.clone();
+        for a in resolver.acme_settings() {
+            parts.push(format!(
+                "ACME {} (renewed by tqproxy)",
+                a.domains.join(", ")
+            ));
+        }
+        lines.push(format!("TLS {addr}: {}", parts.join("; ")));
         resolver.replace(store);
     }
     Ok(lines)

@@ -225,6 +225,24 @@ pub struct Acme {
     pub challenges: Arc<Challenges>,
 }
 
+impl Acme {
+    /// Waits (up to `limit`) for the orders under way, at the end of the process.
+    pub fn finish_orders(&self, limit: Duration) {
+        let started = std::time::Instant::now();
+        let mut said = false;
+        while self.managed.iter().any(|m| m.ordering()) && started.elapsed() < limit {
+            if !said {
+                tracing::info!(
+                    "waiting for the ACME order under way (up to {})",
+                    humantime::format_duration(limit)
+                );
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 static ACME: OnceLock<Arc<Acme>> = OnceLock::new();
 
 /// Registers this process's certificates (once, at start) for [`report`] and

@@ -79,6 +79,7 @@ pub struct Managed {
     cert: ArcSwapOption<Served>,
     state: Mutex<State>,
     force: Notify,
+    ordering: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -177,6 +178,7 @@ impl Managed {
             cert: ArcSwapOption::empty(),
             state: Mutex::new(State::default()),
             force: Notify::new(),
+            ordering: Default::default(),
             settings,
         };
         match from_disk(&m.settings) {
@@ -211,6 +213,11 @@ impl Managed {
     /// The serial of the certificate served now.
     pub fn serial(&self) -> Option<String> {
         self.cert.load().as_ref().map(|s| s.serial.clone())
+    }
+
+    /// This process holds the lock and places an order.
+    pub fn ordering(&self) -> bool {
+        self.ordering.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Asks the task for a renewal now (`tqproxy certs renew`).
@@ -365,6 +372,7 @@ impl Managed {
         }
         let http =
             AcmeHttp::new(self.settings.directory_ca.as_deref()).map_err(OrderError::Local)?;
+        let _ordering = Ordering::new(&self.ordering);
         let issued = client::obtain(&self.settings, challenges, &http).await?;
         let s = Served::from_loaded(issued.cert).map_err(OrderError::Local)?;
         tracing::info!(
@@ -381,6 +389,22 @@ impl Managed {
         st.last_error = None;
         st.last_issued = Some(SystemTime::now());
         Ok(())
+    }
+}
+
+/// Marks an order under way for as long as it lives.
+struct Ordering<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Ordering<'a> {
+    fn new(flag: &'a std::sync::atomic::AtomicBool) -> Ordering<'a> {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ordering(flag)
+    }
+}
+
+impl Drop for Ordering<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
