@@ -188,7 +188,10 @@ pub fn run(config_path: &Path, opts: RunOptions) -> Result<Stopped, StartupError
     if !acme.managed.is_empty() {
         // Orders start once the listeners answer the CA's validation.
         server
-            .add_service(background_service("acme", AcmeService(acme.clone())))
+            .add_service(background_service(
+                "acme",
+                crate::acme::AcmeService(acme.clone()),
+            ))
             .add_dependency(&listen_after);
     }
     if let Some(addr) = config.admin {
@@ -286,14 +289,8 @@ impl Tls {
     fn load(config: &Config) -> Result<Tls, StartupError> {
         let mut configs = Vec::new();
         let mut resolvers = Vec::new();
-        let dirs = config
-            .listeners
-            .iter()
-            .filter_map(|l| acme_of(&l.kind))
-            .map(|a| a.state_dir.clone())
-            .collect();
-        let challenges = Arc::new(crate::acme::Challenges::new(dirs));
-        let mut managed: Vec<Arc<crate::acme::Managed>> = Vec::new();
+        let acme = crate::acme::Acme::load(config)
+            .map_err(|(addr, cause)| StartupError::Tls { addr, cause })?;
         for l in &config.listeners {
             let Some((certificates, how)) = tls_listener(&l.kind) else {
                 continue;
@@ -306,43 +303,23 @@ impl Tls {
             for line in &store.summary {
                 tracing::info!(listener = %l.addr, "certificate {line}");
             }
-            let mut acme = Vec::new();
-            if let Some(a) = acme_of(&l.kind) {
-                // Two listeners with the same block share one certificate and one renewal.
-                let m = match managed.iter().find(|m| m.settings == *a) {
-                    Some(m) => m.clone(),
-                    None => {
-                        let m = Arc::new(crate::acme::Managed::load(a.clone()).map_err(err)?);
-                        managed.push(m.clone());
-                        m
-                    }
-                };
-                acme.push(m);
-            }
-            let alpn_challenges = how.acme_tls_alpn.then(|| challenges.clone());
-            let resolver = Arc::new(SniResolver::with_acme(store, acme, alpn_challenges));
+            let alpn_challenges = how.acme_tls_alpn.then(|| acme.challenges.clone());
+            let resolver = Arc::new(SniResolver::with_acme(
+                store,
+                acme.of_listener(&l.kind),
+                alpn_challenges,
+            ));
             let server_config = crate::tls::server_config(resolver.clone(), &how).map_err(err)?;
             configs.push((l.addr, server_config));
             resolvers.push((l.addr, resolver, how));
         }
-        let acme = Arc::new(crate::acme::Acme {
-            managed,
-            challenges,
-        });
+        let acme = Arc::new(acme);
         crate::acme::install(acme.clone());
         Ok(Tls {
             configs,
             resolvers,
             acme,
         })
-    }
-}
-
-/// A TLS listener's `tls.acme`.
-fn acme_of(kind: &ListenerKind) -> Option<&crate::acme::AcmeSettings> {
-    match kind {
-        ListenerKind::Tls { acme, .. } => acme.as_ref(),
-        _ => None,
     }
 }
 
@@ -614,24 +591,6 @@ fn serve(
     }
 }
 
-/// The renewal task of every ACME certificate ([`crate::acme::Managed::run`]).
-struct AcmeService(Arc<crate::acme::Acme>);
-
-#[async_trait]
-impl BackgroundService for AcmeService {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let tasks: Vec<_> = self
-            .0
-            .managed
-            .iter()
-            .map(|m| tokio::spawn(m.clone().run(self.0.challenges.clone(), shutdown.clone())))
-            .collect();
-        for t in tasks {
-            let _ = t.await;
-        }
-    }
-}
-
 /// A background service running one future (the control socket, the SIGHUP reload).
 struct Task<F>(std::sync::Mutex<Option<F>>);
 
@@ -729,13 +688,12 @@ fn reload_certificates(
                 "warning: TLS {addr}: h2/session_cache/tickets changed; they apply at `tqproxy upgrade`"
             ));
         }
-        let old_acme = configured_acme(resolver);
         let new_acme = config
             .listeners
             .iter()
             .filter(|l| l.addr == *addr)
-            .find_map(|l| acme_of(&l.kind));
-        if old_acme.as_ref() != new_acme {
+            .find_map(|l| crate::acme::settings_of(&l.kind));
+        if resolver.acme_settings().first() != new_acme {
             lines.push(format!(
                 "warning: TLS {addr}: tls.acme changed; it applies at `tqproxy upgrade`"
             ));
@@ -754,11 +712,6 @@ fn reload_certificates(
         resolver.replace(store);
     }
     Ok(lines)
-}
-
-/// The `tls.acme` a listener started with.
-fn configured_acme(resolver: &SniResolver) -> Option<crate::acme::AcmeSettings> {
-    resolver.acme_settings().first().cloned()
 }
 
 /// The new process's side of `tqproxy upgrade`, once its own instances are up: check them,

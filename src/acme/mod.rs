@@ -226,6 +226,42 @@ pub struct Acme {
 }
 
 impl Acme {
+    /// The certificate of every listener's `tls.acme` (two listeners with the same block share
+    /// one), each loaded from its state directory if there ([`Managed::load`]); an error names
+    /// the listener.
+    pub fn load(config: &crate::config::Config) -> Result<Acme, (std::net::SocketAddr, String)> {
+        let dirs = config
+            .listeners
+            .iter()
+            .filter_map(|l| settings_of(&l.kind))
+            .map(|a| a.state_dir.clone())
+            .collect();
+        let mut managed: Vec<Arc<Managed>> = Vec::new();
+        for l in &config.listeners {
+            if let Some(a) = settings_of(&l.kind)
+                && !managed.iter().any(|m| m.settings == *a)
+            {
+                managed.push(Arc::new(Managed::load(a.clone()).map_err(|e| (l.addr, e))?));
+            }
+        }
+        Ok(Acme {
+            managed,
+            challenges: Arc::new(Challenges::new(dirs)),
+        })
+    }
+
+    /// The ACME certificates a listener serves.
+    pub fn of_listener(&self, kind: &crate::config::ListenerKind) -> Vec<Arc<Managed>> {
+        let Some(a) = settings_of(kind) else {
+            return Vec::new();
+        };
+        self.managed
+            .iter()
+            .filter(|m| m.settings == *a)
+            .cloned()
+            .collect()
+    }
+
     /// Waits (up to `limit`) for the orders under way, at the end of the process.
     pub fn finish_orders(&self, limit: Duration) {
         let started = std::time::Instant::now();
@@ -239,6 +275,33 @@ impl Acme {
                 said = true;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A TLS listener's `tls.acme`.
+pub fn settings_of(kind: &crate::config::ListenerKind) -> Option<&AcmeSettings> {
+    match kind {
+        crate::config::ListenerKind::Tls { acme, .. } => acme.as_ref(),
+        _ => None,
+    }
+}
+
+/// The pingora background service running every certificate's renewal task
+/// ([`Managed::run`]); started once the listeners accept.
+pub struct AcmeService(pub Arc<Acme>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for AcmeService {
+    async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
+        let tasks: Vec<_> = self
+            .0
+            .managed
+            .iter()
+            .map(|m| tokio::spawn(m.clone().run(self.0.challenges.clone(), shutdown.clone())))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
         }
     }
 }
