@@ -544,6 +544,27 @@ impl StatusReport {
                 }
             }
         }
+        for c in &self.certificates {
+            out.push_str(&format!("\ncertificate {}  ", c.domains.join(", ")));
+            out.push_str(&match c.expires_in_secs {
+                Some(s) => format!("expires in {}", fmt_secs(s)),
+                None => "not issued yet".into(),
+            });
+            if let Some(s) = c.next_renewal_in_secs {
+                out.push_str(&format!("  next renewal in {}", fmt_secs(s.max(0))));
+            }
+            if let Some(e) = c.last_error.as_deref().filter(|_| c.failures > 0) {
+                out.push_str(&format!(
+                    "  renewal failing ({}x): {}",
+                    c.failures,
+                    one_line(e, 100)
+                ));
+            }
+            out.push('\n');
+        }
+        for w in self.warnings() {
+            out.push_str(&format!("warning: {w}\n"));
+        }
         out
     }
 }
@@ -719,6 +740,10 @@ mod tests {
         );
         // A warning, not a failure.
         assert_eq!(st.health(), Ok(()));
+        let t = st.render_table();
+        assert!(t.contains("health: ok\n"), "{t}");
+        assert!(t.contains("\ncertificate a.test  not issued yet  renewal failing (2x): new order: connection refused\n"), "{t}");
+        assert!(t.contains("warning: no certificate yet for a.test"), "{t}");
         assert_eq!(fmt_secs(-1), "expired");
         assert_eq!(fmt_secs(3 * 3600 + 120), "3h 2m");
     }
