@@ -613,19 +613,30 @@ fn renewal_under_load_fails_no_request_and_changes_the_certificate() {
 fn a_ca_unreachable_at_renewal_keeps_the_old_certificate_and_says_so() {
     let mut a = AcmeEnv::new();
     let mut pebble = Pebble::start(a.http_port(), a.tls, &[]);
-    let serial = obtain_once(&mut a, &pebble);
-    let root = pebble.root();
-    let directory = pebble.directory();
-    pebble.stop();
     a.write(&Acme {
         domains: "[r.acme.test]",
         challenge: "http-01",
-        renew_before: "3000d",
-        directory,
+        renew_before: "30d",
+        directory: pebble.directory(),
         ca: &pebble.ca,
         mixed: false,
     });
     a.env.start();
+    let serial = a
+        .wait_cert("certificate issued", |c| c.serial.is_some())
+        .serial
+        .unwrap();
+    let root = pebble.root();
+    // The CA goes away; a renewal (forced, as an operator would) fails.
+    pebble.stop();
+    let out = a.env.ok(&["certs", "renew", "r.acme.test"]);
+    assert!(out.contains("renewal of r.acme.test started"), "{out}");
+    let out = a.env.cli(&["certs", "renew", "other.acme.test"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("no ACME certificate covers `other.acme.test`")
+    );
     let c = a.wait_cert("a failed renewal", |c| c.failures >= 1);
     let err = c.last_error.clone().unwrap();
     assert!(err.contains("Connect") || err.contains("refused"), "{err}");
@@ -641,6 +652,10 @@ fn a_ca_unreachable_at_renewal_keeps_the_old_certificate_and_says_so() {
     let m = a.admin_get("/metrics").body;
     assert!(
         m.contains("tqproxy_acme_renewals_total{result=\"failed\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("tqproxy_acme_renewals_total{result=\"ok\"} 1"),
         "{m}"
     );
     let doc = a.admin_get("/status.json").body;
