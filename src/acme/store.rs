@@ -35,6 +35,10 @@ pub fn prepare_dir(dir: &Path) -> Result<(), String> {
     if !dir.is_dir() {
         return Err(format!("state_dir {}: not a directory", dir.display()));
     }
+    // It holds private keys: ours alone, even if it was made by hand.
+    if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+        tracing::warn!(state_dir = %dir.display(), error = %e, "cannot make the state directory 0700");
+    }
     let probe = dir.join(format!(".probe-{}", std::process::id()));
     File::create(&probe).map_err(|e| format!("state_dir {}: not writable: {e}", dir.display()))?;
     let _ = fs::remove_file(&probe);
@@ -219,6 +223,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = d.path().join("a/acme");
         check_dir(&s).unwrap();
+        fs::create_dir_all(&s).unwrap();
+        fs::set_permissions(&s, fs::Permissions::from_mode(0o755)).unwrap();
         prepare_dir(&s).unwrap();
         assert_eq!(
             fs::metadata(&s).unwrap().permissions().mode() & 0o777,
