@@ -77,6 +77,12 @@ pub struct WorkerStatus {
     pub restarts: BTreeMap<String, u64>,
     pub in_flight: u64,
     pub requests: u64,
+    /// Latency of what the worker's live generations answered since they started (the
+    /// upper bound of a histogram bucket, about 19 % wide); `None` before a request.
+    #[serde(default)]
+    pub p50_ms: Option<f64>,
+    #[serde(default)]
+    pub p99_ms: Option<f64>,
     pub instances: Vec<InstanceStatus>,
     pub log: String,
 }
@@ -146,6 +152,15 @@ pub struct InstanceStatus {
     pub uptime_secs: Option<f64>,
     pub memory_bytes: Option<u64>,
     pub cpu_seconds: Option<f64>,
+    /// CPU used between tqproxy's last two samples of `cpu_seconds` (one a second), in
+    /// percent of one core; `None` until there are two.
+    #[serde(default)]
+    pub cpu_percent: Option<f64>,
+    /// Latency of what this process answered since it started, as the worker's.
+    #[serde(default)]
+    pub p50_ms: Option<f64>,
+    #[serde(default)]
+    pub p99_ms: Option<f64>,
     pub last_exit: Option<String>,
     pub cgroup: Option<String>,
     /// The last `STATUS=` the instance sent (`ready: notify`).
@@ -442,7 +457,7 @@ impl StatusReport {
                 .map(|(c, n)| format!("{c}={n}"))
                 .collect();
             out.push_str(&format!(
-                "\n{}  routes {}  desired {}  generation {} (routed {})  {}  in-flight {}{}{}{}\n",
+                "\n{}  routes {}  desired {}  generation {} (routed {})  {}  in-flight {}{}{}{}{}\n",
                 w.name,
                 w.routes.join(" "),
                 w.desired,
@@ -454,6 +469,7 @@ impl StatusReport {
                     .join("+"),
                 w.strategy,
                 w.in_flight,
+                latency(w.p50_ms, w.p99_ms),
                 w.busy
                     .as_ref()
                     .map_or(String::new(), |b| format!("  [{b}]")),
@@ -484,12 +500,26 @@ impl StatusReport {
                     format!("  restarts {}", restarts.join(" "))
                 },
             ));
+            // Two generations side by side (a blue/green window, a canary): each one's figures.
+            if w.generations.len() > 1 {
+                for g in &w.generations {
+                    out.push_str(&format!(
+                        "  g{}: {} instance{}, {} req, {} err{}\n",
+                        g.generation,
+                        g.instances,
+                        if g.instances == 1 { "" } else { "s" },
+                        g.requests,
+                        g.errors,
+                        latency(g.p50_ms, g.p99_ms)
+                    ));
+                }
+            }
             if w.instances.is_empty() {
                 out.push_str("  (no instance)\n");
                 continue;
             }
             out.push_str(&format!(
-                "  {:>4} {:>7} {:>5} {:<9} {:>3} {:<9} {:>6} {:>4} {:>5} {:>9} {:>8} {:>8} {:>7}  {}\n",
+                "  {:>4} {:>7} {:>5} {:<9} {:>3} {:<9} {:>6} {:>4} {:>5} {:>9} {:>8} {:>8} {:>7} {:>5}  {}\n",
                 "ID",
                 "PID",
                 "PORT",
@@ -503,11 +533,12 @@ impl StatusReport {
                 "UPTIME",
                 "MEMORY",
                 "CPU",
+                "CPU%",
                 "LAST EXIT"
             ));
             for i in &w.instances {
                 let row = format!(
-                    "  {:>4} {:>7} {:>5} {:<9} {:>3} {:<9} {:>6} {:>4} {:>5} {:>9} {:>8} {:>8} {:>7}  {}\n",
+                    "  {:>4} {:>7} {:>5} {:<9} {:>3} {:<9} {:>6} {:>4} {:>5} {:>9} {:>8} {:>8} {:>7} {:>5}  {}\n",
                     i.id,
                     i.pid.map_or("-".into(), |p| p.to_string()),
                     match (i.port, &i.socket) {
@@ -525,6 +556,7 @@ impl StatusReport {
                     i.uptime_secs.map_or("-".into(), fmt_uptime),
                     i.memory_bytes.map_or("-".into(), fmt_bytes),
                     i.cpu_seconds.map_or("-".into(), |c| format!("{c:.2}s")),
+                    i.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
                     i.last_exit
                         .as_deref()
                         .map_or(String::new(), |e| one_line(e, 100)),
@@ -586,6 +618,14 @@ pub fn fmt_secs(s: i64) -> String {
     }
 }
 
+/// `  p50 1.2ms p99 8.0ms`, or nothing before a request.
+fn latency(p50: Option<f64>, p99: Option<f64>) -> String {
+    match (p50, p99) {
+        (Some(a), Some(b)) => format!("  p50 {a:.1}ms p99 {b:.1}ms"),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,6 +647,9 @@ mod tests {
             uptime_secs: up.then_some(75.0),
             memory_bytes: up.then_some(3 << 20),
             cpu_seconds: up.then_some(1.5),
+            cpu_percent: up.then_some(25.0),
+            p50_ms: None,
+            p99_ms: None,
             last_exit: last_exit.map(String::from),
             cgroup: None,
             status: None,
@@ -628,6 +671,8 @@ mod tests {
             restarts: BTreeMap::new(),
             in_flight: 0,
             requests: 42,
+            p50_ms: None,
+            p99_ms: None,
             instances,
             log: format!("logs/{name}.log"),
         }
@@ -817,7 +862,7 @@ mod tests {
             cols,
             [
                 "ID", "PID", "PORT", "STATE", "GEN", "ROLE", "ROUTED", "RST", "INFL", "REQUESTS",
-                "UPTIME", "MEMORY", "CPU", "LAST", "EXIT"
+                "UPTIME", "MEMORY", "CPU", "CPU%", "LAST", "EXIT"
             ]
         );
         let row1: Vec<&str> = lines[header + 1].split_whitespace().collect();
@@ -825,7 +870,7 @@ mod tests {
             row1,
             [
                 "1", "1001", "9001", "ready", "1", "serving", "yes", "2", "0", "42", "1m15s",
-                "3.0M", "1.50s"
+                "3.0M", "1.50s", "25%"
             ]
         );
         assert!(lines[header + 2].ends_with("killed by SIGKILL"), "{t}");

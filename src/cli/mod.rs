@@ -17,6 +17,8 @@ use crate::control::{ControlRequest, ControlResponse, call};
 use crate::status::{ErrorKind, Outcome};
 
 mod generate;
+mod logs;
+mod top;
 
 /// The exit codes of every verb, for `--help` (the README's CLI section has the same table).
 pub const EXIT_CODES: &str = "\
@@ -52,6 +54,10 @@ pub struct Cli {
     /// Talk to this control socket instead of the one named in the configuration.
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
+    /// Print the result as JSON instead of text (every verb that prints one; `logs`: one
+    /// object per line).
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -86,19 +92,63 @@ pub enum Command {
         #[arg(long)]
         strict: bool,
     },
-    /// Show workers and instances.
+    /// Show workers and instances (`--json`: the status document, as `/status.json`).
     Status {
-        /// Print the status document as JSON.
-        #[arg(long)]
-        json: bool,
+        /// Show only this worker.
+        worker: Option<String>,
+    },
+    /// Read a worker's log (its rotated files too, oldest first), or the access log.
+    ///
+    /// Each line carries its time, instance (`#3`), generation (`g2`) and stream (`out`,
+    /// `err`, or `tqproxy` for tqproxy's own lines about the instance). Read from the files in
+    /// `logs_dir`: tqproxy need not be running.
+    Logs {
+        /// The worker whose log to read.
+        #[arg(required_unless_present = "access")]
+        worker: Option<String>,
+        /// The access log (`log.access_log`) instead of a worker's.
+        #[arg(long, conflicts_with_all = ["worker", "instance", "since"])]
+        access: bool,
+        /// Only the lines of this instance (the number after `#`).
+        #[arg(long, value_name = "N")]
+        instance: Option<u64>,
+        /// Keep printing lines as they are written, across rotation, until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last LINES lines (default: all; 10 with --follow).
+        #[arg(short = 'n', long, value_name = "LINES")]
+        lines: Option<usize>,
+        /// Only lines written in this last stretch of time (`10m`, `2h`, `30s`).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+        since: Option<Duration>,
+    },
+    /// A live view of every worker and instance, refreshed from the control socket.
+    ///
+    /// Keys: ↑/↓ select a worker, + and - scale it, r restarts it, l shows the tail of its
+    /// log, q (or Esc, Ctrl-C) quits.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+        interval: Duration,
     },
     /// Set the number of instances of a worker.
-    Scale { worker: String, instances: u32 },
+    Scale {
+        /// The worker to scale.
+        worker: String,
+        /// How many instances it should run (0 stops it but keeps it configured).
+        instances: u32,
+    },
     /// Rolling restart of a worker with its current configuration.
-    Restart { worker: String },
+    Restart {
+        /// The worker to restart.
+        worker: String,
+    },
     /// Deploy a worker's configuration from disk as a new generation.
     Deploy {
+        /// The worker to deploy (its worker.yaml is read again).
         worker: String,
+        /// How to replace the instances this once: rolling, bluegreen or canary (default:
+        /// the worker's `deploy.strategy`).
         #[arg(long, value_parser = parse_strategy)]
         strategy: Option<Strategy>,
         /// A canary deploy this once (`--strategy canary`), with the worker's `deploy.canary`
@@ -107,11 +157,20 @@ pub enum Command {
         canary: bool,
     },
     /// Skip the remaining steps of a worker's canary deploy: the new generation takes 100 %.
-    Promote { worker: String },
+    Promote {
+        /// The worker whose canary to promote.
+        worker: String,
+    },
     /// Roll a worker's canary deploy back now: the old generation keeps serving.
-    Abort { worker: String },
+    Abort {
+        /// The worker whose canary to abort.
+        worker: String,
+    },
     /// Switch back to the previous generation of a worker.
-    Rollback { worker: String },
+    Rollback {
+        /// The worker to roll back.
+        worker: String,
+    },
     /// Re-read every configuration file and apply the differences.
     Reload,
     /// Print a shell completion script (`source <(tqproxy completions bash)`; the package
@@ -133,9 +192,6 @@ pub enum Command {
     Certs {
         #[command(subcommand)]
         action: Option<certs::CertsAction>,
-        /// The status document's `certificates`, as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Stop gracefully: drain requests, stop every instance, exit.
     Stop {
@@ -184,8 +240,31 @@ pub fn dispatch(mut cli: Cli) -> i32 {
         Command::Upgrade {
             ref binary,
             timeout,
-        } => upgrade(&cli, binary.as_deref(), timeout),
-        Command::Check { strict } => check(&cli.config, strict),
+        } => upgrade(&cli, binary.as_deref(), timeout, cli.json),
+        Command::Check { strict } => check(&cli.config, strict, cli.json),
+        Command::Logs {
+            ref worker,
+            access,
+            instance,
+            follow,
+            lines,
+            since,
+        } => logs::run(
+            &cli.config,
+            logs::LogsArgs {
+                worker: worker.clone(),
+                access,
+                instance,
+                follow,
+                lines,
+                since,
+                json: cli.json,
+            },
+        ),
+        Command::Top { interval } => match client_setup(&cli) {
+            Ok((socket, rt)) => top::run(&cli.config, &socket, rt, interval),
+            Err(code) => code,
+        },
         Command::Completions { shell } => generate::completions(shell),
         Command::Man { ref out } => generate::man(out),
         ref other => {
@@ -193,7 +272,7 @@ pub fn dispatch(mut cli: Cli) -> i32 {
                 Ok(x) => x,
                 Err(code) => return code,
             };
-            rt.block_on(client(other, &socket))
+            rt.block_on(client(other, &socket, cli.json))
         }
     }
 }
@@ -218,7 +297,65 @@ fn client_setup(cli: &Cli) -> Result<(PathBuf, tokio::runtime::Runtime), i32> {
     Ok((socket, rt))
 }
 
-fn check(path: &Path, strict: bool) -> i32 {
+/// Prints `v` as JSON (pretty); 1 when it cannot be serialised.
+fn print_json<T: serde::Serialize>(v: &T) -> i32 {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => {
+            use std::io::Write;
+            // A closed pipe (`| head`) is no failure of the verb.
+            let _ = writeln!(std::io::stdout().lock(), "{s}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+/// `tqproxy check --json`: the verdict, the workers, and the problems or warnings as text.
+fn check_json(path: &Path, strict: bool) -> i32 {
+    let (file, workers, problems, warnings) = match Config::load(path) {
+        Ok(c) => (
+            c.file.display().to_string(),
+            c.workers.keys().cloned().collect::<Vec<_>>(),
+            crate::config::check_workers(&c)
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>(),
+            crate::config::advice(&c)
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>(),
+        ),
+        Err(e) => (
+            crate::config::absolute(path).display().to_string(),
+            Vec::new(),
+            vec![e.to_string()],
+            Vec::new(),
+        ),
+    };
+    let ok = problems.is_empty() && (!strict || warnings.is_empty());
+    let code = print_json(&serde_json::json!({
+        "file": file,
+        "ok": ok,
+        "workers": workers,
+        "problems": problems,
+        "warnings": warnings,
+    }));
+    if code != 0 {
+        code
+    } else if ok {
+        0
+    } else {
+        1
+    }
+}
+
+fn check(path: &Path, strict: bool, json: bool) -> i32 {
+    if json {
+        return check_json(path, strict);
+    }
     match Config::load(path) {
         Ok(c) => {
             let problems = crate::config::check_workers(&c);
@@ -272,7 +409,7 @@ fn running(pid: nix::unistd::Pid) -> bool {
 
 /// `tqproxy upgrade`: ask the running tqproxy to start the new binary in upgrade mode (so it
 /// stays in the same service/cgroup), then wait until it has taken over and the old one exited.
-fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
+fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration, json: bool) -> i32 {
     // The new process will read the same files: refuse early if they are broken.
     if let Err(e) = Config::load(&cli.config) {
         eprintln!("configuration invalid, nothing changed:\n{e}");
@@ -326,11 +463,13 @@ fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
             return e.exit_code();
         }
     };
-    println!(
-        "started {} (pid {new}); its output goes to {}",
-        exe.display(),
-        log.display()
-    );
+    if !json {
+        println!(
+            "started {} (pid {new}); its output goes to {}",
+            exe.display(),
+            log.display()
+        );
+    }
     let old_pid = nix::unistd::Pid::from_raw(old as i32);
     let new_pid = nix::unistd::Pid::from_raw(new as i32);
     loop {
@@ -345,10 +484,13 @@ fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration) -> i32 {
             && let Ok(ControlResponse::Pong { pid, .. }) = ask(ControlRequest::Ping {})
             && pid == new
         {
-            println!(
-                "upgraded: pid {old} → {new} in {} ms",
-                started.elapsed().as_millis()
-            );
+            let ms = started.elapsed().as_millis();
+            if json {
+                return print_json(&serde_json::json!({
+                    "old_pid": old, "new_pid": new, "ms": ms as u64, "log": log,
+                }));
+            }
+            println!("upgraded: pid {old} → {new} in {ms} ms");
             return 0;
         }
         if started.elapsed() > timeout {
@@ -373,7 +515,15 @@ fn outcome_exit_code(o: &Outcome) -> i32 {
         .map_or(1, ErrorKind::exit_code)
 }
 
-fn print_outcome(o: &Outcome) -> i32 {
+fn print_outcome(o: &Outcome, json: bool) -> i32 {
+    if json {
+        let code = print_json(o);
+        return if code != 0 {
+            code
+        } else {
+            outcome_exit_code(o)
+        };
+    }
     for l in &o.lines {
         let mark = if l.ok { "ok" } else { "FAILED" };
         if l.worker == "-" {
@@ -385,7 +535,7 @@ fn print_outcome(o: &Outcome) -> i32 {
     outcome_exit_code(o)
 }
 
-async fn client(cmd: &Command, socket: &Path) -> i32 {
+async fn client(cmd: &Command, socket: &Path, json: bool) -> i32 {
     // Deploys wait for readiness and draining, which the server bounds itself.
     let long = Duration::from_secs(3600);
     let (req, timeout) = match &cmd {
@@ -443,7 +593,9 @@ async fn client(cmd: &Command, socket: &Path) -> i32 {
         | Command::Check { .. }
         | Command::Upgrade { .. }
         | Command::Completions { .. }
-        | Command::Man { .. } => {
+        | Command::Man { .. }
+        | Command::Logs { .. }
+        | Command::Top { .. } => {
             unreachable!("handled by dispatch")
         }
     };
@@ -455,21 +607,22 @@ async fn client(cmd: &Command, socket: &Path) -> i32 {
         }
     };
     match (cmd, resp) {
-        (Command::Status { json }, ControlResponse::Status(st)) => {
-            if *json {
-                match serde_json::to_string_pretty(&st) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return 1;
-                    }
+        (Command::Status { worker }, ControlResponse::Status(mut st)) => {
+            if let Some(name) = worker {
+                st.workers.retain(|w| &w.name == name);
+                if st.workers.is_empty() {
+                    eprintln!("error: no worker named `{name}`");
+                    return ErrorKind::NoSuchWorker.exit_code();
                 }
+            }
+            if json {
+                print_json(&st)
             } else {
                 print!("{}", st.render_table());
+                0
             }
-            0
         }
-        (Command::Certs { json, .. }, ControlResponse::Status(st)) => certs::print(&st, *json),
+        (Command::Certs { .. }, ControlResponse::Status(st)) => certs::print(&st, json),
         (Command::Stop { timeout }, ControlResponse::Stopping { pid }) => {
             let started = Instant::now();
             let pid = nix::unistd::Pid::from_raw(pid as i32);
@@ -483,13 +636,16 @@ async fn client(cmd: &Command, socket: &Path) -> i32 {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            println!(
-                "stopped (pid {pid}) in {} ms",
-                started.elapsed().as_millis()
-            );
+            let ms = started.elapsed().as_millis();
+            if json {
+                return print_json(
+                    &serde_json::json!({ "stopped_pid": pid.as_raw(), "ms": ms as u64 }),
+                );
+            }
+            println!("stopped (pid {pid}) in {ms} ms");
             0
         }
-        (_, ControlResponse::Outcome(o)) => print_outcome(&o),
+        (_, ControlResponse::Outcome(o)) => print_outcome(&o, json),
         (_, ControlResponse::Error { message, kind }) => {
             eprintln!("error: {message}");
             kind.exit_code()
@@ -570,6 +726,41 @@ mod tests {
         assert_eq!(error("start_failed"), 1);
         // An older tqproxy's error without a kind: a failure, 1.
         assert_eq!(error(""), 1);
+    }
+
+    /// Every verb, argument and option says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.is_hide_set() {
+                return;
+            }
+            if cmd.get_about().is_none() && !path.is_empty() {
+                missing.push(format!("`{path}`"));
+            }
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() {
+                    missing.push(format!("`{path} {id}`"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, format!("{path} {}", sub.get_name()).trim(), missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "without help text: {}",
+            missing.join(", ")
+        );
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub fn launch(
     };
     l.log.event(
         l.id,
+        l.generation,
         &format!("started pid {pid} {at} generation {}", l.generation),
     );
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
@@ -109,6 +110,7 @@ pub fn launch(
             // and the start timeout says so.
             l.log.event(
                 l.id,
+                l.generation,
                 &format!("notify socket unusable: {e}; READY=1 cannot arrive"),
             );
             None
@@ -127,6 +129,7 @@ pub fn launch(
         tail: l.tail,
         log: l.log,
         id: l.id,
+        generation: l.generation,
         pid,
         report,
     };
@@ -171,6 +174,7 @@ struct Monitor {
     tail: Tail,
     log: WorkerLog,
     id: u64,
+    generation: u64,
     pid: u32,
     report: Reporter,
 }
@@ -247,7 +251,7 @@ impl Monitor {
                 },
                 _ = tokio::time::sleep_until(check_at) => match &mut phase {
                     Phase::Stopping => {
-                        self.log.event(self.id, "did not exit after SIGTERM: killing the process tree");
+                        self.log.event(self.id, self.generation, "did not exit after SIGTERM: killing the process tree");
                         self.kill_tree();
                         kill_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(5));
                     }
@@ -354,7 +358,8 @@ impl Monitor {
                 reason: format!("{description} before becoming ready{}", self.last_output()),
             });
         }
-        self.log.event(self.id, &format!("exited: {description}"));
+        self.log
+            .event(self.id, self.generation, &format!("exited: {description}"));
         self.report.send(Fact::Exited {
             status: description,
             oom: oom_kills > 0,
@@ -447,6 +452,7 @@ impl Monitor {
                     if self.ignored.len() < MAX_IGNORED_LOGGED && !self.ignored.contains(&key) {
                         self.log.event(
                             self.id,
+                            self.generation,
                             &format!("notify: {key}= is not supported: ignored (logged once)"),
                         );
                         self.ignored.push(key);
@@ -467,7 +473,8 @@ impl Monitor {
             String::new()
         };
         tracing::warn!(worker = %self.report.worker, instance = self.id, problem = %what, "notify socket: bad input{more}");
-        self.log.event(self.id, &format!("notify: {what}{more}"));
+        self.log
+            .event(self.id, self.generation, &format!("notify: {what}{more}"));
     }
 
     fn last_output(&self) -> String {

@@ -1,5 +1,7 @@
 //! Worker output: every instance's stdout and stderr, line by line, into `logs/<worker>.log`,
-//! each line tagged with the time, the instance and the stream; rotated by size.
+//! each line tagged with the time, the instance, its generation and the stream
+//! (`2026-11-26T07:40:45.357Z #1 g1 out| text`; `tqproxy|` for tqproxy's own lines about the
+//! instance); rotated by size. `tqproxy logs` reads them back (src/cli/logs.rs).
 //!
 //! One writer thread per worker owns the file (so a slow disk never stalls the supervisor's
 //! runtime); instances send it lines through a channel. The last lines of each instance are
@@ -96,10 +98,11 @@ impl WorkerLog {
         &self.path
     }
 
-    /// A line written by tqproxy itself about this worker (start, exit, …).
-    pub fn event(&self, instance: u64, message: &str) {
+    /// A line written by tqproxy itself about an instance of this worker (start, exit, …),
+    /// tagged like the instance's own output (`#<instance> g<generation>`).
+    pub fn event(&self, instance: u64, generation: u64, message: &str) {
         let line = format!(
-            "{} #{instance} tqproxy| {message}\n",
+            "{} #{instance} g{generation} tqproxy| {message}\n",
             rfc3339_millis(SystemTime::now())
         );
         self.send_line(line);
@@ -465,6 +468,7 @@ mod tests {
         let log = WorkerLog::open(dir.path(), "w", 1000, 2, 0).unwrap();
         for i in 0..100 {
             log.event(
+                1,
                 1,
                 &format!("event number {i:03} with some padding to fill the file"),
             );

@@ -159,6 +159,32 @@ impl Env {
 struct InstanceStats {
     memory: Option<u64>,
     cpu_seconds: Option<f64>,
+    /// When `cpu_seconds` was read.
+    sampled_at: Option<std::time::Instant>,
+    /// Cores used between the last two samples.
+    cpu_rate: Option<f64>,
+}
+
+impl InstanceStats {
+    /// The sample taken `at`, with the CPU rate since `self` (the previous sample of the same
+    /// process). The rate is computed here, between two reads of the counter with their own
+    /// times: a reader that divided the counter's growth by the time between two status
+    /// documents mixed two clocks, and saw 0 % whenever no sample fell between them.
+    fn next(&self, memory: Option<u64>, cpu: Option<f64>, at: std::time::Instant) -> Self {
+        let cpu_rate = match (self.cpu_seconds, self.sampled_at, cpu) {
+            (Some(before), Some(then), Some(now)) if now >= before => {
+                let dt = at.saturating_duration_since(then).as_secs_f64();
+                (dt > 0.0).then(|| (now - before) / dt)
+            }
+            _ => None,
+        };
+        InstanceStats {
+            memory,
+            cpu_seconds: cpu,
+            sampled_at: Some(at),
+            cpu_rate,
+        }
+    }
 }
 
 /// What one record's current process has, beside its record.
@@ -705,8 +731,14 @@ impl Owner {
                             tracing::warn!(worker, instance = id, detail = %text, "{what}")
                         }
                     }
+                    let generation = self
+                        .records
+                        .workers
+                        .get(&*worker)
+                        .and_then(|w| w.instances.get(&id))
+                        .map_or(0, |r| r.generation);
                     if let Some(w) = self.rt.get(&worker) {
-                        w.log.event(id, &text);
+                        w.log.event(id, generation, &text);
                     }
                 }
                 Effect::WatchAllDrained { timeout } => {
@@ -979,10 +1011,7 @@ impl Owner {
                         Some(cg) => (cg.memory_current(), cg.cpu_usage().map(|d| d.as_secs_f64())),
                         None => proc_stats.as_ref().map_or((None, None), |p| p.session(pid)),
                     };
-                    run.stats = InstanceStats {
-                        memory,
-                        cpu_seconds: cpu,
-                    };
+                    run.stats = run.stats.next(memory, cpu, now());
                     self.env.metrics.instance_usage(name, r.id, memory, cpu);
                 }
             }
@@ -1051,6 +1080,11 @@ impl Owner {
                             }),
                             memory_bytes: run.and_then(|x| x.stats.memory),
                             cpu_seconds: run.and_then(|x| x.stats.cpu_seconds),
+                            cpu_percent: run.and_then(|x| x.stats.cpu_rate).map(|r| r * 100.0),
+                            p50_ms: run
+                                .and_then(|x| ms(x.shared.answered.snapshot().quantile(0.5))),
+                            p99_ms: run
+                                .and_then(|x| ms(x.shared.answered.snapshot().quantile(0.99))),
                             last_exit: r.last_exit.clone(),
                             cgroup: run
                                 .and_then(|x| x.cgroup.as_ref())
@@ -1065,6 +1099,19 @@ impl Owner {
                     .collect();
                 for (c, n) in &w.restarts {
                     restarts.insert(c.as_str().to_string(), *n);
+                }
+                // What each generation that has an instance answered, and all of them.
+                let live: Vec<(u64, usize, AnsweredSnapshot)> = self
+                    .answered(&w.name)
+                    .into_iter()
+                    .filter_map(|(g, a)| {
+                        let n = w.instances.values().filter(|r| r.generation == g).count();
+                        (n > 0).then_some((g, n, a))
+                    })
+                    .collect();
+                let mut all_live = AnsweredSnapshot::default();
+                for (_, _, a) in &live {
+                    all_live.add(a);
                 }
                 WorkerStatus {
                     name: w.name.to_string(),
@@ -1100,21 +1147,19 @@ impl Owner {
                             baseline_window: win(&c.window.1),
                         }
                     }),
-                    generations: self
-                        .answered(&w.name)
-                        .into_iter()
-                        .filter_map(|(g, a)| {
-                            let n = w.instances.values().filter(|r| r.generation == g).count();
-                            (n > 0).then(|| GenerationStatus {
-                                generation: g,
-                                instances: n as u32,
-                                requests: a.requests,
-                                errors: a.errors,
-                                p50_ms: a.quantile(0.5).map(|d| d.as_secs_f64() * 1000.0),
-                                p99_ms: a.quantile(0.99).map(|d| d.as_secs_f64() * 1000.0),
-                            })
+                    generations: live
+                        .iter()
+                        .map(|(g, n, a)| GenerationStatus {
+                            generation: *g,
+                            instances: *n as u32,
+                            requests: a.requests,
+                            errors: a.errors,
+                            p50_ms: ms(a.quantile(0.5)),
+                            p99_ms: ms(a.quantile(0.99)),
                         })
                         .collect(),
+                    p50_ms: ms(all_live.quantile(0.5)),
+                    p99_ms: ms(all_live.quantile(0.99)),
                     restarts,
                     in_flight: instances.iter().map(|i| i.in_flight).sum(),
                     requests: instances.iter().map(|i| i.requests).sum(),
@@ -1164,6 +1209,11 @@ fn fixed_port(port: u16, keep: bool) -> Result<(u16, Option<std::net::TcpListene
             "fixed port {port} is taken ({e}): a worker with `port:` runs one process at a time"
         )),
     }
+}
+
+/// A latency in milliseconds, as the status document has it.
+fn ms(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| d.as_secs_f64() * 1000.0)
 }
 
 #[cfg(test)]

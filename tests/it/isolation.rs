@@ -569,12 +569,12 @@ fn recycle_memory_replaces_an_instance_before_the_kernel_kills_it() {
     });
     wait_for("the old instance exited", Duration::from_secs(20), || {
         env.worker_log("fat")
-            .contains(&format!("#{id} tqproxy| exited:"))
+            .contains(&format!("#{id} g1 tqproxy| exited:"))
             .then_some(())
     });
     let log = env.worker_log("fat");
     assert!(
-        log.contains(&format!("#{id} tqproxy| exited: exited with code 0")),
+        log.contains(&format!("#{id} g1 tqproxy| exited: exited with code 0")),
         "the old instance should exit cleanly after SIGTERM:\n{log}"
     );
     assert!(!log.contains("out of memory"), "{log}");
