@@ -15,6 +15,7 @@ mod isolation;
 mod notify;
 mod observability;
 mod package;
+mod operator;
 mod sessions;
 mod swaps;
 mod transport;

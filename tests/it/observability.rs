@@ -755,7 +755,7 @@ fn healthz_goes_503_naming_the_worker_that_is_down_and_recovers() {
 // The status page in a real browser
 // ---------------------------------------------------------------------------------------------
 
-mod browser {
+pub(crate) mod browser {
     //! Just enough of the Chrome DevTools Protocol (a WebSocket client, std only) to load a
     //! page in headless chromium, evaluate JavaScript in it and take screenshots.
 
