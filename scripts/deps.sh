@@ -27,6 +27,7 @@ if [[ "${1:-}" == "--test" ]]; then
   [[ -x /usr/bin/node ]] || want+=(nodejs)
   [[ -x /usr/bin/go ]] || want+=(golang-go)
   [[ -x /usr/bin/pebble && -x /usr/bin/pebble-challtestsrv ]] || want+=(pebble)  # tests/it/acme.rs: the ACME CA and its mock DNS
+  command -v tmux >/dev/null 2>&1 || want+=(tmux)          # `tqproxy top` is tested in a real tmux
 fi
 if [[ "${1:-}" == "--bench" ]]; then                       # load-tests/bench and idle-conns (they also do this)
   command -v wrk >/dev/null 2>&1 || want+=(wrk)

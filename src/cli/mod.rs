@@ -219,6 +219,10 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 /// Runs the parsed command; returns the exit code.
 pub fn dispatch(mut cli: Cli) -> i32 {
     cli.config = generate::default_config(cli.config);
+    if cli.json && matches!(cli.command, Command::Run { .. } | Command::Top { .. }) {
+        eprintln!("--json: `run` and `top` print no result to format");
+        return 2;
+    }
     match cli.command {
         Command::Run {
             watch,

@@ -371,3 +371,20 @@ async fn nothing_outlives_the_owner() {
     );
     assert!(s.h.view("w").await.is_none(), "the owner is gone");
 }
+
+/// The CPU rate comes from two reads of the counter and their own times; the first read has
+/// none, a counter that went back (a new process) has none, and a second without growth is 0.
+#[test]
+fn the_cpu_rate_is_computed_between_two_samples() {
+    let t0 = std::time::Instant::now();
+    let first = InstanceStats::default().next(Some(1), Some(10.0), t0);
+    assert_eq!(first.cpu_rate, None);
+    let second = first.next(Some(1), Some(10.5), t0 + Duration::from_secs(2));
+    assert_eq!(second.cpu_rate, Some(0.25));
+    let idle = second.next(Some(1), Some(10.5), t0 + Duration::from_secs(3));
+    assert_eq!(idle.cpu_rate, Some(0.0));
+    let reset = idle.next(Some(1), Some(0.1), t0 + Duration::from_secs(4));
+    assert_eq!(reset.cpu_rate, None);
+    let unknown = reset.next(None, None, t0 + Duration::from_secs(5));
+    assert_eq!((unknown.cpu_rate, unknown.cpu_seconds), (None, None));
+}
