@@ -736,7 +736,12 @@ mod tests {
     #[test]
     fn every_argument_has_help() {
         use clap::CommandFactory;
-        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        fn walk(
+            cmd: &clap::Command,
+            path: &str,
+            missing: &mut Vec<String>,
+            seen: &mut Vec<String>,
+        ) {
             if cmd.is_hide_set() {
                 return;
             }
@@ -748,18 +753,36 @@ mod tests {
                 if a.is_hide_set() || id == "help" || id == "version" {
                     continue;
                 }
+                seen.push(format!("{path} {id}"));
                 if a.get_help().is_none() {
                     missing.push(format!("`{path} {id}`"));
                 }
             }
             for sub in cmd.get_subcommands() {
                 if sub.get_name() != "help" {
-                    walk(sub, format!("{path} {}", sub.get_name()).trim(), missing);
+                    walk(
+                        sub,
+                        format!("{path} {}", sub.get_name()).trim(),
+                        missing,
+                        seen,
+                    );
                 }
             }
         }
-        let mut missing = Vec::new();
-        walk(&Cli::command(), "", &mut missing);
+        let (mut missing, mut seen) = (Vec::new(), Vec::new());
+        let mut cli = Cli::command();
+        // Global options are copied into every verb by `build`.
+        cli.build();
+        walk(&cli, "", &mut missing, &mut seen);
+        // The walk reached the verbs' own arguments and the global ones in each.
+        for want in [
+            "scale instances",
+            "logs lines",
+            "deploy strategy",
+            "status json",
+        ] {
+            assert!(seen.iter().any(|s| s == want), "{want} not seen: {seen:?}");
+        }
         assert!(
             missing.is_empty(),
             "without help text: {}",
