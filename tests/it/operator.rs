@@ -325,6 +325,15 @@ fn top_shows_a_worker_follows_a_scale_and_quits_on_q() {
         s.contains("scale web 2: ok") && s.contains("2/2 ready") && instance_rows(s) == 2
     });
     assert_eq!(env.worker("web").desired, 2);
+    // Requests: the worker's row gets its p50/p99.
+    for _ in 0..5 {
+        assert_eq!(env.get("/").status, 200);
+    }
+    tmux.wait_screen("p50/p99 on the worker's row", |s| {
+        s.lines()
+            .find(|l| l.starts_with("web "))
+            .is_some_and(|l| l.matches("ms").count() == 2)
+    });
     // `l`: the log pane with the worker's last lines.
     tmux.run(&["send-keys", "-t", "top", "l"]);
     tmux.wait_screen("the log pane", |s| {
