@@ -439,8 +439,9 @@ fn status_page_cpu_agrees_with_status_json_under_load() {
             let total: f64 = doc.iter().map(|d| d.unwrap()).sum();
             let rate = json_rate();
             // Under load both figures are well above 0 and measure the same thing over
-            // different seconds: agree within a factor of 3.
-            (rate > 2.0 && total > rate / 3.0 && total < rate * 3.0).then_some((total, rate))
+            // different seconds: agree within a factor of 2 (the first second of load, still
+            // ramping up, may not; the next reading is taken).
+            (rate > 2.0 && total > rate / 2.0 && total < rate * 2.0).then_some((total, rate))
         },
     );
     eprintln!("page cpu {page_total:.1}% (sum of instances), status --json {rate:.1}%");
