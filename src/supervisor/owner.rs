@@ -1059,6 +1059,7 @@ impl Owner {
                     .values()
                     .map(|r| {
                         let run = wrt.and_then(|x| x.instances.get(&r.id));
+                        let answered = run.map(|x| x.shared.answered.snapshot());
                         InstanceStatus {
                             id: r.id,
                             pid: r.pid,
@@ -1081,10 +1082,8 @@ impl Owner {
                             memory_bytes: run.and_then(|x| x.stats.memory),
                             cpu_seconds: run.and_then(|x| x.stats.cpu_seconds),
                             cpu_percent: run.and_then(|x| x.stats.cpu_rate).map(|r| r * 100.0),
-                            p50_ms: run
-                                .and_then(|x| ms(x.shared.answered.snapshot().quantile(0.5))),
-                            p99_ms: run
-                                .and_then(|x| ms(x.shared.answered.snapshot().quantile(0.99))),
+                            p50_ms: answered.as_ref().and_then(|a| ms(a.quantile(0.5))),
+                            p99_ms: answered.as_ref().and_then(|a| ms(a.quantile(0.99))),
                             last_exit: r.last_exit.clone(),
                             cgroup: run
                                 .and_then(|x| x.cgroup.as_ref())
