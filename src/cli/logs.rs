@@ -275,7 +275,15 @@ pub fn run(config: &Path, args: LogsArgs) -> i32 {
     let files = files_oldest_first(&base);
     let mut current: Option<Followed> = None;
     for path in &files {
-        let Ok(f) = File::open(path) else { continue };
+        let f = match File::open(path) {
+            Ok(f) => f,
+            // Rotated away (or dropped) between the listing and now: skipped.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                eprintln!("cannot read {}: {e}", path.display());
+                return 1;
+            }
+        };
         let is_current = path == &base;
         let ino = f.metadata().map(|m| m.ino()).unwrap_or(0);
         let mut r = BufReader::new(f);
