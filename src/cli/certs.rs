@@ -12,7 +12,10 @@ use crate::status::{StatusReport, fmt_secs};
 pub enum CertsAction {
     /// Renew the ACME certificate that covers DOMAIN now (the answer comes at once; see
     /// `tqproxy certs` for the result).
-    Renew { domain: String },
+    Renew {
+        /// A domain of a `tls.acme` block (any of its names).
+        domain: String,
+    },
 }
 
 pub fn request(action: Option<&CertsAction>) -> (ControlRequest, Duration) {

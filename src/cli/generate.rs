@@ -164,11 +164,19 @@ mod tests {
             .iter()
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
-        let verbs = super::super::Cli::command()
-            .get_subcommands()
-            .filter(|c| !c.is_hide_set())
-            .count();
+        // A page per visible verb, and per visible verb of a verb (`certs renew`).
+        fn visible(c: &clap::Command) -> usize {
+            c.get_subcommands()
+                .filter(|c| !c.is_hide_set())
+                .map(|c| 1 + visible(c))
+                .sum()
+        }
+        let verbs = visible(&super::super::Cli::command());
         assert_eq!(names.len(), verbs + 1, "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "tqproxy-certs-renew.1"),
+            "{names:?}"
+        );
         for want in ["tqproxy.1", "tqproxy-deploy.1", "tqproxy-completions.1"] {
             assert!(names.iter().any(|n| n == want), "no {want} in {names:?}");
         }
