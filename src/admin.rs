@@ -7,6 +7,9 @@
 //!   503 and one line naming the workers that have none and why (for external load balancers);
 //!   still 200, with `warning:` lines, when an ACME certificate's renewal fails within 7 days
 //!   of its expiry.
+//!   503 `draining` while the node is drained (`tqproxy drain`).
+//!
+//! `control.health` serves `/healthz` alone on an address other machines can reach.
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -21,11 +24,24 @@ const STATUS_PAGE: &str = include_str!("admin/status.html");
 
 pub struct Admin {
     supervisor: SupervisorHandle,
+    /// `control.health`: only `/healthz` (any address may reach it).
+    health_only: bool,
 }
 
 impl Admin {
     pub fn new(supervisor: SupervisorHandle) -> Admin {
-        Admin { supervisor }
+        Admin {
+            supervisor,
+            health_only: false,
+        }
+    }
+
+    /// The `control.health` listener: `GET /healthz` and nothing else.
+    pub fn health_only(supervisor: SupervisorHandle) -> Admin {
+        Admin {
+            supervisor,
+            health_only: true,
+        }
     }
 }
 
@@ -55,6 +71,9 @@ pub fn health(st: &StatusReport) -> Result<(), String> {
 
 impl Admin {
     async fn route(&self, path: &str) -> Response<Vec<u8>> {
+        if self.health_only && path != "/healthz" {
+            return text(StatusCode::NOT_FOUND, "not found (try /healthz)\n".into());
+        }
         match path {
             "/" | "/status" => {
                 let mut r = reply(

@@ -70,7 +70,17 @@ pub enum ControlRequest {
     RenewCertificate {
         domain: String,
     },
+    /// Take the node out of the load balancer's rotation ([`crate::drain`]); answered once no
+    /// request is in flight, or after `timeout_ms` (at most [`MAX_DRAIN_MS`]).
+    Drain {
+        timeout_ms: u64,
+    },
+    /// Put it back.
+    Undrain {},
 }
+
+/// The longest wait a `drain` may ask for (an hour).
+pub const MAX_DRAIN_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -88,6 +98,8 @@ pub enum ControlResponse {
         pid: u32,
         log: PathBuf,
     },
+    /// `drain`, `undrain`: the node's state now, and whether in-flight requests finished.
+    Drain(crate::drain::DrainReport),
     /// The request was refused or failed before reaching a worker. `kind` is absent from an
     /// older tqproxy's answer: it then reads as [`ErrorKind::Internal`].
     Error {
@@ -487,6 +499,15 @@ impl ControlService {
             ControlRequest::RenewCertificate { domain } => {
                 outcome(Outcome::single("-", crate::acme::force_renewal(&domain)))
             }
+            ControlRequest::Drain { timeout_ms } => {
+                if timeout_ms > MAX_DRAIN_MS {
+                    return ControlResponse::error(&ControlError::InvalidRequest(format!(
+                        "a drain waits at most {MAX_DRAIN_MS} ms ({timeout_ms} asked)"
+                    )));
+                }
+                self.drain(true, Duration::from_millis(timeout_ms)).await
+            }
+            ControlRequest::Undrain {} => self.drain(false, Duration::ZERO).await,
             ControlRequest::Stop {} => {
                 // The shutdown itself is triggered by `handle` once this answer is written.
                 ControlResponse::Stopping {
@@ -494,6 +515,46 @@ impl ControlService {
                 }
             }
         }
+    }
+}
+
+impl ControlService {
+    /// `drain` (`on`) or `undrain`: sets the node's state, then (`drain`) waits for it to get
+    /// quiet, up to `timeout`.
+    async fn drain(&self, on: bool, timeout: Duration) -> ControlResponse {
+        let Some(config) = self.supervisor.config().await else {
+            return ControlResponse::error(&ControlError::ShuttingDown);
+        };
+        let already = crate::drain::drained() == on;
+        let warning = crate::drain::set(&config.run_dir, on).err();
+        tracing::info!(
+            drained = on,
+            already,
+            "node {}",
+            if on { "drained" } else { "undrained" }
+        );
+        let (quiet, in_flight, waited) = if on {
+            let s = &self.supervisor;
+            crate::drain::wait_quiet(timeout, || async {
+                s.status().await.map(|st| crate::drain::load(&st))
+            })
+            .await
+        } else {
+            let in_flight = self
+                .supervisor
+                .status()
+                .await
+                .map_or(0, |st| crate::drain::load(&st).0);
+            (in_flight == 0, in_flight, Duration::ZERO)
+        };
+        ControlResponse::Drain(crate::drain::DrainReport {
+            drained: on,
+            already,
+            quiet,
+            in_flight,
+            waited_ms: waited.as_millis() as u64,
+            warning,
+        })
     }
 }
 

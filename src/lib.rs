@@ -22,6 +22,7 @@
 //! - [`metrics`]: every Prometheus metric; [`admin`]: /metrics, /status, /healthz.
 //! - [`acme`]: automatic HTTPS: certificates obtained and renewed over ACME.
 //! - [`access_log`], [`timefmt`]: request logging.
+//! - [`drain`]: the node's drained state (`tqproxy drain`); [`agent`]: HAProxy's agent-check.
 //! - [`server`]: composition root of `tqproxy run`; [`signals`]: what each signal does;
 //!   [`cli`]: the verbs.
 
@@ -31,9 +32,11 @@
 pub mod access_log;
 pub mod acme;
 pub mod admin;
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod drain;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;

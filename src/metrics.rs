@@ -28,6 +28,7 @@
 //! | `tqproxy_acme_renewals_total` | counter | `result` (`ok`, `failed`) |
 //! | `tqproxy_certificate_expiry_timestamp_seconds` | gauge (ACME certificates) | `domain` (the first) |
 //! | `tqproxy_build_info` | gauge (always 1) | `version` |
+//! | `tqproxy_drained` | gauge (1 while `tqproxy drain` is in effect) | |
 //! | `process_*` | the standard process metrics of tqproxy itself | |
 //!
 //! `tqproxy_instance_cpu_seconds_total` is read from the instance's cgroup (or /proc) once a
@@ -41,7 +42,7 @@ use std::sync::{LazyLock, Mutex};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -95,6 +96,8 @@ pub struct Metrics {
     pub generation_requests: GaugeVec,
     pub generation_errors: GaugeVec,
     pub canary_share: IntGaugeVec,
+    /// 1 while the node is drained (`tqproxy drain`).
+    pub drained: IntGauge,
     /// Workers whose gauges [`Metrics::refresh_from`] set last time.
     gauged_workers: Mutex<BTreeSet<String>>,
     gauged_generations: Mutex<BTreeSet<(String, String)>>,
@@ -255,6 +258,11 @@ fn build() -> Metrics {
         &["domain"],
     )
     .expect("metric");
+    let drained = IntGauge::new(
+        "tqproxy_drained",
+        "1 while the node is drained (`tqproxy drain`): out of the load balancer's rotation",
+    )
+    .expect("metric");
     for c in [
         Box::new(acme_renewals.clone()) as Box<dyn prometheus::core::Collector>,
         Box::new(certificate_expiry.clone()),
@@ -276,6 +284,7 @@ fn build() -> Metrics {
         Box::new(GaugeAsCounter(generation_requests.clone())),
         Box::new(GaugeAsCounter(generation_errors.clone())),
         Box::new(canary_share.clone()),
+        Box::new(drained.clone()),
         Box::new(ProcessCollector::new()),
     ] {
         registry.register(c).expect("metric registered once");
@@ -312,6 +321,7 @@ fn build() -> Metrics {
         generation_requests,
         generation_errors,
         canary_share,
+        drained,
         gauged_workers: Mutex::new(BTreeSet::new()),
         gauged_generations: Mutex::new(BTreeSet::new()),
     }
@@ -505,6 +515,7 @@ impl Metrics {
     /// instance counts per state), so a scrape never shows values older than itself; the gauges
     /// of workers that are gone (removed by a reload) are dropped.
     pub fn refresh_from(&self, st: &StatusReport) {
+        self.drained.set(i64::from(st.drained));
         self.refresh_generations(st);
         let now: BTreeSet<String> = st.workers.iter().map(|w| w.name.clone()).collect();
         let mut seen = self

@@ -139,6 +139,7 @@ pub fn run(config_path: &Path, opts: RunOptions) -> Result<Stopped, StartupError
         env!("CARGO_PKG_VERSION")
     );
     let control = ControlSocket::bind(&config, opts)?;
+    crate::drain::restore(&config.run_dir, opts.upgrade_from.is_some());
     let _socket_file = ControlSocketFile {
         path: config.control_socket.clone(),
         ino: control.ino.clone(),
@@ -198,6 +199,9 @@ pub fn run(config_path: &Path, opts: RunOptions) -> Result<Stopped, StartupError
         server
             .add_service(admin_service(addr, &sup))
             .add_dependency(&listen_after);
+    }
+    for s in balancer_services(&config, &sup) {
+        server.add_boxed_service(s).add_dependency(&listen_after);
     }
 
     let stopped = serve(server, signals::Shutdown { stop }, events_tx, events);
@@ -355,6 +359,8 @@ fn listen_addresses(config: &Config) -> Vec<(SocketAddr, &'static str)> {
         .map(|l| (l.addr, "listener"))
         .collect();
     addrs.extend(config.admin.map(|a| (a, "admin listener")));
+    addrs.extend(config.agent.map(|a| (a, "agent-check listener")));
+    addrs.extend(config.health.map(|a| (a, "health listener")));
     addrs
 }
 
@@ -558,6 +564,29 @@ fn admin_service(addr: SocketAddr, supervisor: &SupervisorHandle) -> Service<Adm
     let mut admin = Service::new("admin".to_string(), Admin::new(supervisor.clone()));
     admin.add_tcp(&addr.to_string());
     admin
+}
+
+/// The listeners for load balancers on other machines: HAProxy's agent-check
+/// (`control.agent`) and `GET /healthz` alone (`control.health`).
+fn balancer_services(
+    config: &Config,
+    supervisor: &SupervisorHandle,
+) -> Vec<Box<dyn pingora::services::ServiceWithDependents>> {
+    let mut out: Vec<Box<dyn pingora::services::ServiceWithDependents>> = Vec::new();
+    if let Some(addr) = config.agent {
+        let mut agent = Service::new(
+            "agent-check".to_string(),
+            crate::agent::Agent::new(supervisor.clone()),
+        );
+        agent.add_tcp(&addr.to_string());
+        out.push(Box::new(agent));
+    }
+    if let Some(addr) = config.health {
+        let mut health = Service::new("health".to_string(), Admin::health_only(supervisor.clone()));
+        health.add_tcp(&addr.to_string());
+        out.push(Box::new(health));
+    }
+    out
 }
 
 /// Runs pingora's server on a thread of its own until the first report: the supervisor

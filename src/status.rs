@@ -20,6 +20,9 @@ pub struct StatusReport {
     pub cgroups: Option<String>,
     /// `starting`, `running` or `stopping`.
     pub state: String,
+    /// `tqproxy drain`: out of the load balancer's rotation (`/healthz` 503 `draining`).
+    #[serde(default)]
+    pub drained: bool,
     pub workers: Vec<WorkerStatus>,
     /// The ACME certificates (`tls.acme`); absent from an older tqproxy's document.
     #[serde(default)]
@@ -397,6 +400,9 @@ impl StatusReport {
         if self.state == "stopping" {
             return Err("tqproxy is stopping".into());
         }
+        if self.drained {
+            return Err("draining (`tqproxy undrain` puts the node back)".into());
+        }
         let down: Vec<String> = self
             .workers
             .iter()
@@ -435,10 +441,11 @@ impl StatusReport {
     pub fn render_table(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
-            "tqproxy {} pid {} {} up {}  listen {}{}\n",
+            "tqproxy {} pid {} {}{} up {}  listen {}{}\n",
             self.version,
             self.pid,
             self.state,
+            if self.drained { " DRAINED" } else { "" },
             fmt_uptime(self.uptime_secs),
             self.listen.join(", "),
             self.admin
@@ -688,6 +695,7 @@ mod tests {
             admin: Some("127.0.0.1:8090".into()),
             cgroups: Some("v2".into()),
             state: "running".into(),
+            drained: false,
             workers,
             certificates: Vec::new(),
         }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 mod certs;
+mod check_json;
+mod drain;
 
 use crate::config::{Config, Strategy};
 use crate::control::{ControlRequest, ControlResponse, call};
@@ -193,6 +195,15 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<certs::CertsAction>,
     },
+    /// Take this node out of its load balancer's rotation: /healthz answers 503 `draining`,
+    /// responses carry `Connection: close` (HTTP/2: GOAWAY), new connections are still served.
+    /// Returns once no request is in flight (exit 0) or at the timeout (exit 1).
+    Drain {
+        #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+        timeout: Duration,
+    },
+    /// Put the node back into rotation (undo `drain`).
+    Undrain,
     /// Stop gracefully: drain requests, stop every instance, exit.
     Stop {
         /// How long to wait for tqproxy to exit.
@@ -271,6 +282,8 @@ pub fn dispatch(mut cli: Cli) -> i32 {
         },
         Command::Completions { shell } => generate::completions(shell),
         Command::Man { ref out } => generate::man(out),
+        Command::Drain { timeout } => drain::run(&cli, Some(timeout)),
+        Command::Undrain => drain::run(&cli, None),
         ref other => {
             let (socket, rt) = match client_setup(&cli) {
                 Ok(x) => x,
@@ -317,48 +330,10 @@ fn print_json<T: serde::Serialize>(v: &T) -> i32 {
     }
 }
 
-/// `tqproxy check --json`: the verdict, the workers, and the problems or warnings as text.
-fn check_json(path: &Path, strict: bool) -> i32 {
-    let (file, workers, problems, warnings) = match Config::load(path) {
-        Ok(c) => (
-            c.file.display().to_string(),
-            c.workers.keys().cloned().collect::<Vec<_>>(),
-            crate::config::check_workers(&c)
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>(),
-            crate::config::advice(&c)
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>(),
-        ),
-        Err(e) => (
-            crate::config::absolute(path).display().to_string(),
-            Vec::new(),
-            vec![e.to_string()],
-            Vec::new(),
-        ),
-    };
-    let ok = problems.is_empty() && (!strict || warnings.is_empty());
-    let code = print_json(&serde_json::json!({
-        "file": file,
-        "ok": ok,
-        "workers": workers,
-        "problems": problems,
-        "warnings": warnings,
-    }));
-    if code != 0 {
-        code
-    } else if ok {
-        0
-    } else {
-        1
-    }
-}
-
+/// `tqproxy check` (`--json`: [`check_json`]).
 fn check(path: &Path, strict: bool, json: bool) -> i32 {
     if json {
-        return check_json(path, strict);
+        return check_json::run(path, strict);
     }
     match Config::load(path) {
         Ok(c) => {
@@ -599,7 +574,9 @@ async fn client(cmd: &Command, socket: &Path, json: bool) -> i32 {
         | Command::Completions { .. }
         | Command::Man { .. }
         | Command::Logs { .. }
-        | Command::Top { .. } => {
+        | Command::Top { .. }
+        | Command::Drain { .. }
+        | Command::Undrain => {
             unreachable!("handled by dispatch")
         }
     };

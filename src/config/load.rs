@@ -76,6 +76,8 @@ impl Config {
 
         let (listen, listeners) = listeners(&raw.listen, &dir, &ctx, &mut errors);
         let (control_socket, admin) = control(&raw.control, &dir, &ctx, &mut errors);
+        let agent = open_listener(raw.control.agent.as_deref(), "agent", &ctx, &mut errors);
+        let health = open_listener(raw.control.health.as_deref(), "health", &ctx, &mut errors);
         let ports = ports(&raw.ports, &listen, &ctx, &mut errors);
         let defaults = defaults(&raw.defaults, &ctx, &mut errors);
         let proxy = proxy(&raw.proxy, &ctx, &mut errors);
@@ -97,6 +99,8 @@ impl Config {
             listeners,
             control_socket,
             admin,
+            agent,
+            health,
             workers_dir,
             logs_dir: resolve(&dir, &raw.logs_dir),
             run_dir: resolve(&dir, &raw.run_dir),
@@ -331,6 +335,32 @@ fn control(
         },
     };
     (socket, admin)
+}
+
+/// `control.agent` and `control.health`: listeners for load balancers, on any address, off
+/// unless set (`off` also says so).
+fn open_listener(
+    raw: Option<&str>,
+    key: &str,
+    ctx: &Ctx,
+    errors: &mut Vec<ConfigError>,
+) -> Option<SocketAddr> {
+    let a = raw?;
+    if a == "off" {
+        return None;
+    }
+    match a.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            errors.push(ctx.err(
+                &["control", key],
+                None,
+                &format!("control.{key}"),
+                format!("invalid address `{a}` (expected e.g. 0.0.0.0:9777)"),
+            ));
+            None
+        }
+    }
 }
 
 /// `ports`: the instance port range (9000-9999 in its place when it is wrong), which no

@@ -230,6 +230,11 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// `control.admin`: default `127.0.0.1:8090`; loopback only; `off` is `None`.
     pub admin: Option<SocketAddr>,
+    /// `control.agent`: HAProxy's agent-check listener (any address); default none.
+    pub agent: Option<SocketAddr>,
+    /// `control.health`: a listener that serves `GET /healthz` only, for load balancers and
+    /// orchestrators on other machines (any address); default none.
+    pub health: Option<SocketAddr>,
     /// `workers_dir`: default `../workers`.
     pub workers_dir: PathBuf,
     /// `logs_dir`: default `../logs`.

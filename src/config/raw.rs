@@ -141,6 +141,8 @@ pub(super) fn default_ports() -> String {
 pub(super) struct RawControl {
     pub(super) socket: Option<String>,
     pub(super) admin: Option<String>,
+    pub(super) agent: Option<String>,
+    pub(super) health: Option<String>,
 }
 
 /// Just `control.socket`, every other key ignored (`Config::control_socket_of`).

@@ -28,8 +28,10 @@ use crate::routes::{Backend, Instance, Route, RouteHandle};
 pub static CLOSE_CONNECTIONS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+/// Whether responses ask clients to reconnect: during an upgrade's handover, and while the
+/// node is drained (`tqproxy drain`, [`crate::drain`]).
 pub fn closing() -> bool {
-    CLOSE_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed)
+    CLOSE_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed) || crate::drain::drained()
 }
 
 /// What both engines share: the route table, the access log, the redirect listeners.

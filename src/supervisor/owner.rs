@@ -1193,6 +1193,7 @@ impl Owner {
                 "starting"
             }
             .to_string(),
+            drained: crate::drain::drained(),
             workers,
             certificates: crate::acme::report(),
         }
