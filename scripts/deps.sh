@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build (and, with --test, to test; with --bench, to run
-# load-tests/bench and idle-conns) tqproxy.
+# load-tests/bench and idle-conns; with --fleet, load-tests/fleet) tqproxy.
 # Idempotent: only missing packages are installed. Needs root (or sudo) for apt-get.
 set -euo pipefail
 
@@ -28,6 +28,14 @@ if [[ "${1:-}" == "--test" ]]; then
   [[ -x /usr/bin/go ]] || want+=(golang-go)
   [[ -x /usr/bin/pebble && -x /usr/bin/pebble-challtestsrv ]] || want+=(pebble)  # tests/it/acme.rs: the ACME CA and its mock DNS
   command -v tmux >/dev/null 2>&1 || want+=(tmux)          # `tqproxy top` is tested in a real tmux
+  command -v pip3 >/dev/null 2>&1 || want+=(python3-pip)   # kubernetes-validate, below
+fi
+if [[ "${1:-}" == "--fleet" ]]; then                       # load-tests/fleet: 3 netns nodes behind HAProxy
+  command -v wrk >/dev/null 2>&1 || want+=(wrk)
+  command -v rsync >/dev/null 2>&1 || want+=(rsync)        # the fleet's config distribution
+  command -v ip >/dev/null 2>&1 || want+=(iproute2)
+  [[ -x /usr/sbin/haproxy ]] || want+=(haproxy)
+  [[ -x /usr/sbin/ipvsadm ]] || want+=(ipvsadm)            # the optional IPVS pass
 fi
 if [[ "${1:-}" == "--bench" ]]; then                       # load-tests/bench and idle-conns (they also do this)
   command -v wrk >/dev/null 2>&1 || want+=(wrk)
@@ -54,4 +62,10 @@ command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https
 if [[ "${1:-}" == "--test" ]] && ! cargo deb --version >/dev/null 2>&1; then
   echo "installing: cargo-deb" >&2
   cargo install cargo-deb --locked --quiet
+fi
+# The Kubernetes manifest's schema check (tests/it/fleet.rs): kubernetes-validate from PyPI, which
+# ships the schemas (nothing is fetched at test time).
+if [[ "${1:-}" == "--test" ]] && ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "installing: kubernetes-validate (pip)" >&2
+  pip3 install -q kubernetes-validate 2>/dev/null || pip3 install -q --break-system-packages kubernetes-validate
 fi

@@ -9,6 +9,7 @@ mod conformance;
 mod core;
 mod edge;
 mod frameworks;
+mod fleet;
 mod h2;
 mod harness;
 mod isolation;
