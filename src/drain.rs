@@ -35,6 +35,10 @@ pub const MARKER: &str = "drained";
 /// done.
 pub const QUIET: Duration = Duration::from_millis(250);
 
+/// Requests in flight per ready instance beyond which the node counts as busy for the
+/// agent-check weight.
+pub const BUSY_PER_INSTANCE: u64 = 8;
+
 /// How often `drain` samples the in-flight and request counters.
 const SAMPLE: Duration = Duration::from_millis(50);
 
@@ -153,7 +157,9 @@ where
 /// - `drain` while drained: no new connections, the existing ones go on;
 /// - otherwise `ready up N%`, N being the share of the instances that should run which are
 ///   ready and routed (instances still starting lower it), halved while the node is busy
-///   (more requests in flight than ready instances, i.e. requests queue), at least 1 %.
+///   (more than [`BUSY_PER_INSTANCE`] requests in flight per ready instance), at least 1 %.
+///   HAProxy applies the percentage to the server's configured weight: give servers
+///   `weight 100`, since with the default weight 1 anything below 100 % rounds to 0.
 pub fn agent_reply(st: Option<&StatusReport>, drained: bool) -> String {
     let Some(st) = st else {
         return "maint\n".into();
@@ -183,7 +189,7 @@ pub fn agent_reply(st: Option<&StatusReport>, drained: bool) -> String {
     } else {
         ready * 100 / desired
     };
-    if ready > 0 && in_flight > ready {
+    if ready > 0 && in_flight > BUSY_PER_INSTANCE * ready {
         weight /= 2;
     }
     format!("ready up {}%\n", weight.max(1))
@@ -240,9 +246,14 @@ mod tests {
         assert_eq!(agent_reply(Some(&starting), false), "ready up 50%\n");
         let busy = report(
             "running",
-            serde_json::json!([worker(2, &["ready", "ready"], 5)]),
+            serde_json::json!([worker(2, &["ready", "ready"], 17)]),
         );
         assert_eq!(agent_reply(Some(&busy), false), "ready up 50%\n");
+        let loaded = report(
+            "running",
+            serde_json::json!([worker(2, &["ready", "ready"], 16)]),
+        );
+        assert_eq!(agent_reply(Some(&loaded), false), "ready up 100%\n");
         let none = report("running", serde_json::json!([worker(2, &["starting"], 0)]));
         assert_eq!(agent_reply(Some(&none), false), "ready up 1%\n");
         let empty = report("running", serde_json::json!([]));
