@@ -184,11 +184,8 @@ pub fn agent_reply(st: Option<&StatusReport>, drained: bool) -> String {
         })
         .sum();
     let (in_flight, _) = load(st);
-    let mut weight = if desired == 0 {
-        100
-    } else {
-        ready * 100 / desired
-    };
+    // No worker that should run: nothing to be short of.
+    let mut weight = (ready * 100).checked_div(desired).unwrap_or(100);
     if ready > 0 && in_flight > BUSY_PER_INSTANCE * ready {
         weight /= 2;
     }

@@ -68,7 +68,7 @@ pub fn verdict(path: &Path, strict: bool) -> Verdict {
                 })
                 .collect();
             let warnings = crate::config::advice(&c);
-            let ok = errors.is_empty() && !(strict && !warnings.is_empty());
+            let ok = errors.is_empty() && (!strict || warnings.is_empty());
             Verdict {
                 ok,
                 file: c.file.display().to_string(),

@@ -355,7 +355,7 @@ fn open_listener(
             errors.push(ctx.err(
                 &["control", key],
                 None,
-                &format!("control.{key}"),
+                format!("control.{key}"),
                 format!("invalid address `{a}` (expected e.g. 0.0.0.0:9777)"),
             ));
             None

@@ -288,3 +288,20 @@ fn the_kubernetes_manifest_has_what_a_node_needs() {
         Err(e) => panic!("kubernetes-validate: {e} (scripts/deps.sh --test installs it)"),
     }
 }
+
+#[test]
+fn a_bad_agent_or_health_address_is_a_config_error_naming_the_key() {
+    for (key, value) in [("agent", "nope"), ("health", "0.0.0.0")] {
+        let env = Env::with_global(
+            &[WorkerDef::backend("api", "[\"/\"]", 1, "")],
+            &format!("control: {{ admin: off, {key}: \"{value}\" }}\n"),
+        );
+        let o = env.cli(&["check"]);
+        assert_eq!(o.status.code(), Some(1), "{}", cli_out(&o));
+        let text = cli_out(&o);
+        assert!(
+            text.contains(&format!("tqproxy.yaml:5: control.{key}: invalid address `{value}`")),
+            "{text}"
+        );
+    }
+}
