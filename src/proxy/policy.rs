@@ -28,6 +28,13 @@ use crate::routes::{Backend, Instance, Route, RouteHandle};
 pub static CLOSE_CONNECTIONS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+/// Whether this process is handing its sockets to a new tqproxy (`tqproxy upgrade`): a new
+/// HTTP/2 connection then gets GOAWAY before its first stream. A drained node serves that
+/// stream first ([`closing`]).
+pub fn handing_over() -> bool {
+    CLOSE_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether responses ask clients to reconnect: during an upgrade's handover, and while the
 /// node is drained (`tqproxy drain`, [`crate::drain`]).
 pub fn closing() -> bool {

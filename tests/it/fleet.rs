@@ -300,8 +300,103 @@ fn a_bad_agent_or_health_address_is_a_config_error_naming_the_key() {
         assert_eq!(o.status.code(), Some(1), "{}", cli_out(&o));
         let text = cli_out(&o);
         assert!(
-            text.contains(&format!("tqproxy.yaml:5: control.{key}: invalid address `{value}`")),
+            text.contains(&format!(
+                "tqproxy.yaml:5: control.{key}: invalid address `{value}`"
+            )),
             "{text}"
         );
     }
+}
+
+/// An h2c connection (prior knowledge) and the task driving it.
+async fn h2c(addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// GET / on `client`: the status, or the error (a GOAWAY'd connection refuses new streams).
+async fn h2_get(client: &h2::client::SendRequest<bytes::Bytes>) -> Result<u16, h2::Error> {
+    let mut c = client.clone().ready().await?;
+    let req = http::Request::get("http://a.test/").body(()).unwrap();
+    let (resp, _) = c.send_request(req, true)?;
+    let resp = resp.await?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    while let Some(d) = body.data().await {
+        let d = d?;
+        let _ = body.flow_control().release_capacity(d.len());
+    }
+    Ok(status)
+}
+
+#[test]
+fn a_drained_node_sends_goaway_to_http2_clients_after_their_next_stream() {
+    let (env, _health, _agent) = node(&[WorkerDef::backend("api", "[\"/\"]", 1, "")]);
+    let conf = std::fs::read_to_string(env.conf())
+        .unwrap()
+        .replace("proxy: { threads: 1 }", "proxy: { threads: 1, h2c: true }");
+    std::fs::write(env.conf(), conf).unwrap();
+    let mut env = env;
+    env.start();
+    env.wait_ready("api", 1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listen = env.listen;
+    let client = rt.block_on(h2c(listen));
+    assert_eq!(rt.block_on(h2_get(&client)).unwrap(), 200);
+    env.ok(&["drain", "--timeout", "10s"]);
+    // The next stream is served, and the connection is told to go away.
+    assert_eq!(rt.block_on(h2_get(&client)).unwrap(), 200);
+    let refused = wait_for(
+        "the drained connection to refuse new streams (GOAWAY)",
+        Duration::from_secs(10),
+        || rt.block_on(h2_get(&client)).err(),
+    );
+    assert!(
+        refused.is_go_away() || refused.is_io() || refused.to_string().contains("closed"),
+        "{refused}"
+    );
+    // A new connection is still served.
+    let fresh = rt.block_on(h2c(listen));
+    assert_eq!(rt.block_on(h2_get(&fresh)).unwrap(), 200);
+    env.ok(&["undrain"]);
+    let after = rt.block_on(h2c(listen));
+    assert_eq!(rt.block_on(h2_get(&after)).unwrap(), 200);
+    assert_eq!(rt.block_on(h2_get(&after)).unwrap(), 200, "kept open again");
+    env.stop(Duration::from_secs(20));
+}
+
+#[test]
+fn an_upgrade_of_a_drained_node_starts_drained_and_a_fresh_start_does_not() {
+    let (mut env, health, _agent) = node(&[WorkerDef::backend("api", "[\"/\"]", 1, "")]);
+    env.start();
+    env.wait_ready("api", 1);
+    let old = env.status().pid;
+    env.ok(&["drain", "--timeout", "10s"]);
+    let out = env.ok(&["upgrade"]);
+    assert!(out.contains(&format!("upgraded: pid {old} →")), "{out}");
+    let st = env.status();
+    assert_ne!(st.pid, old);
+    assert!(st.drained, "the new process inherited the drained state");
+    assert_eq!(http_get(health, "/healthz", None).status, 503);
+    let new_pid = st.pid;
+    env.ok(&["stop"]);
+    wait_for("the upgraded tqproxy gone", Duration::from_secs(30), || {
+        (!alive(new_pid)).then_some(())
+    });
+    env.child = None;
+    // Stopped while drained (the marker is still in run_dir); a fresh start is not drained.
+    assert!(env.dir.path().join("run/drained").exists());
+    env.start();
+    assert!(!env.status().drained);
+    assert!(!env.dir.path().join("run/drained").exists());
+    assert_eq!(http_get(health, "/healthz", None).status, 200);
+    env.stop(Duration::from_secs(20));
 }

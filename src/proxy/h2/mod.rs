@@ -25,7 +25,8 @@
 //! `proxy.client_keepalive_timeout`; per stream, `proxy.client_body_timeout` (see [`stream`]).
 //! A graceful stop or `tqproxy upgrade` (pingora's shutdown watch, or the upgrade's
 //! `Connection: close` flag) sends GOAWAY: streams in flight finish, the client opens its next
-//! ones on a new connection, to the new process.
+//! ones on a new connection, to the new process. A drained node (`tqproxy drain`) sends it after
+//! the connection's next stream, a new connection's first one included.
 
 pub mod guard;
 mod head;
@@ -126,7 +127,9 @@ impl H2 {
         let mut close_by: Option<Instant> = None;
         let mut shutdown_seen = *shutdown.borrow();
         let mut shutdown_changed = pin!(shutdown.changed());
-        if shutdown_seen || policy::closing() {
+        // A drained node (`tqproxy drain`) still serves a new connection's first stream: the
+        // GOAWAY follows it (`policy::closing`, below).
+        if shutdown_seen || policy::handing_over() {
             conn.graceful_shutdown();
             close_by = Some(opened + CLOSE_WITHIN);
         }
