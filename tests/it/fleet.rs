@@ -400,3 +400,37 @@ fn an_upgrade_of_a_drained_node_starts_drained_and_a_fresh_start_does_not() {
     assert_eq!(http_get(health, "/healthz", None).status, 200);
     env.stop(Duration::from_secs(20));
 }
+
+/// The shipped unit drains before systemd's SIGTERM, within its stop timeout, and a failed drain
+/// (a timeout, tqproxy already gone) does not fail the stop. (`observability.rs` verifies the
+/// whole unit with systemd-analyze.)
+#[test]
+fn the_systemd_unit_drains_before_it_stops() {
+    let unit = std::fs::read_to_string(repo().join("conf/tqproxy.service")).unwrap();
+    let stop = unit
+        .lines()
+        .find(|l| l.starts_with("ExecStop="))
+        .expect("an ExecStop= line");
+    let cmd = stop
+        .strip_prefix("ExecStop=-")
+        .expect("`-`: a failed drain is no failed stop");
+    let args: Vec<&str> = cmd.split_whitespace().collect();
+    assert!(args.contains(&"drain"), "{stop}");
+    let secs = |v: &str| v.strip_suffix('s').and_then(|n| n.parse::<u64>().ok());
+    let drain = args
+        .iter()
+        .skip_while(|a| **a != "--timeout")
+        .nth(1)
+        .and_then(|v| secs(v))
+        .expect("drain --timeout Ns");
+    let stop_timeout = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .and_then(secs)
+        .expect("TimeoutStopSec=Ns");
+    // The drain, then the longest drain_timeout + stop_timeout of the shipped configs (40 s).
+    assert!(
+        drain + 40 < stop_timeout,
+        "{drain} s + 40 s vs {stop_timeout} s"
+    );
+}
