@@ -41,10 +41,26 @@ fn cli_out(o: &std::process::Output) -> String {
     )
 }
 
+/// `tqproxy_drained` as the admin listener's /metrics shows it.
+fn drained_gauge(admin: SocketAddr) -> Option<String> {
+    let m = http_get(admin, "/metrics", None);
+    m.body
+        .lines()
+        .find_map(|l| l.strip_prefix("tqproxy_drained "))
+        .map(str::to_string)
+}
+
 #[test]
 fn a_drained_node_fails_health_checks_closes_keepalive_and_still_serves() {
-    let (mut env, health, agent) = node(&[WorkerDef::backend("api", "[\"/\"]", 2, "")]);
+    let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let agent = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut env = Env::with_global(
+        &[WorkerDef::backend("api", "[\"/\"]", 2, "")],
+        &format!("control: {{ admin: \"{admin}\", health: \"{health}\", agent: \"{agent}\" }}\n"),
+    );
     env.start();
+    assert_eq!(drained_gauge(admin).as_deref(), Some("0"));
     env.wait_ready("api", 2);
     assert_eq!(http_get(health, "/healthz", None).status, 200);
     assert_eq!(agent_line(agent), "ready up 100%\n");
@@ -73,6 +89,7 @@ fn a_drained_node_fails_health_checks_closes_keepalive_and_still_serves() {
     let st = env.status();
     assert!(st.drained);
     assert!(env.ok(&["status"]).contains("DRAINED"));
+    assert_eq!(drained_gauge(admin).as_deref(), Some("1"));
 
     // A reload keeps the node drained.
     env.ok(&["reload"]);
@@ -86,6 +103,7 @@ fn a_drained_node_fails_health_checks_closes_keepalive_and_still_serves() {
     assert_eq!(http_get(health, "/healthz", None).status, 200);
     assert_eq!(agent_line(agent), "ready up 100%\n");
     assert!(!env.status().drained);
+    assert_eq!(drained_gauge(admin).as_deref(), Some("0"));
     let mut again = Conn::open(env.listen).unwrap();
     let r = again.get("/").unwrap();
     assert_eq!(r.header("connection"), None, "{:?}", r.headers);
