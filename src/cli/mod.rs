@@ -199,6 +199,7 @@ pub enum Command {
     /// responses carry `Connection: close` (HTTP/2: GOAWAY), new connections are still served.
     /// Returns once no request is in flight (exit 0) or at the timeout (exit 1).
     Drain {
+        /// How long to wait for the requests in flight (the node stays drained after it).
         #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
         timeout: Duration,
     },
