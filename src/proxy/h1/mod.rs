@@ -887,33 +887,26 @@ impl Conn {
     }
 
     async fn redirect(&mut self, ex: Option<Exchange>, status: u16, location: &str) -> Next {
-        let Some(mut e) = ex else {
-            return Next::Close;
-        };
-        let close =
-            !self.keeps_alive(&e.req) || (e.body_end.is_none() && e.req.framing != Framing::None);
-        let mut out = Scratch::take();
-        let _ = write!(
-            out.0,
-            "HTTP/1.1 {status} {}\r\nLocation: {location}\r\nContent-Length: 0\r\nCache-Control: max-age=3600\r\n{}\r\n",
-            policy::reason(status),
-            if close { "Connection: close\r\n" } else { "" }
-        );
-        e.status = status;
-        let ok = self.send_head(&out.0).await;
-        if !close {
-            e.body_end.get_or_insert(e.req.head_len);
-        }
-        self.finish(&mut e);
-        match (ok, close) {
-            (false, _) => Next::Close,
-            (true, true) => Next::Linger,
-            (true, false) => Next::KeepAlive,
-        }
+        let fields = format!("Location: {location}\r\nCache-Control: max-age=3600\r\n");
+        self.local_answer(ex, status, &fields, b"").await
     }
 
     /// The answer to an ACME http-01 validation request: the key authorization.
     async fn challenge(&mut self, ex: Option<Exchange>, body: &str) -> Next {
+        let fields = "Content-Type: text/plain\r\nCache-Control: no-store\r\n";
+        self.local_answer(ex, 200, fields, body.as_bytes()).await
+    }
+
+    /// A small answer of tqproxy's own (a redirect, a challenge): `status`, the header `fields`
+    /// (each ending in CRLF) and `body` (not sent to HEAD), keeping the connection when the
+    /// request allows it and its body was read.
+    async fn local_answer(
+        &mut self,
+        ex: Option<Exchange>,
+        status: u16,
+        fields: &str,
+        body: &[u8],
+    ) -> Next {
         let Some(mut e) = ex else {
             return Next::Close;
         };
@@ -922,15 +915,16 @@ impl Conn {
         let mut out = Scratch::take();
         let _ = write!(
             out.0,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{}\r\n",
+            "HTTP/1.1 {status} {}\r\n{fields}Content-Length: {}\r\n{}\r\n",
+            policy::reason(status),
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
         if e.req.method != Method::Head {
-            out.0.extend_from_slice(body.as_bytes());
+            out.0.extend_from_slice(body);
             e.bytes = body.len() as u64;
         }
-        e.status = 200;
+        e.status = status;
         let ok = self.send_head(&out.0).await;
         if !close {
             e.body_end.get_or_insert(e.req.head_len);
