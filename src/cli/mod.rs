@@ -410,38 +410,36 @@ fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: Duration, json: bool) -> i
         },
     };
     let ask = |req: ControlRequest| rt.block_on(call(&socket, &req, Duration::from_secs(10)));
-    let old = match ask(ControlRequest::Ping {}) {
-        Ok(ControlResponse::Pong { pid, .. }) => pid,
+    // An error answer or a failed call is printed, and is the verb's exit code.
+    let answer = |req: ControlRequest| match ask(req) {
         Ok(ControlResponse::Error { message, kind }) => {
             eprintln!("error: {message}");
-            return kind.exit_code();
+            Err(kind.exit_code())
         }
+        Ok(r) => Ok(r),
+        Err(e) => {
+            eprintln!("{e}");
+            Err(e.exit_code())
+        }
+    };
+    let old = match answer(ControlRequest::Ping {}) {
+        Ok(ControlResponse::Pong { pid, .. }) => pid,
         Ok(other) => {
             eprintln!("unexpected response: {other:?}");
             return 1;
         }
-        Err(e) => {
-            eprintln!("{e}");
-            return e.exit_code();
-        }
+        Err(code) => return code,
     };
     let started = Instant::now();
-    let (new, log) = match ask(ControlRequest::Upgrade {
+    let (new, log) = match answer(ControlRequest::Upgrade {
         binary: exe.clone(),
     }) {
         Ok(ControlResponse::Upgrading { pid, log }) => (pid, log),
-        Ok(ControlResponse::Error { message, kind }) => {
-            eprintln!("error: {message}");
-            return kind.exit_code();
-        }
         Ok(other) => {
             eprintln!("unexpected response: {other:?}");
             return 1;
         }
-        Err(e) => {
-            eprintln!("{e}");
-            return e.exit_code();
-        }
+        Err(code) => return code,
     };
     if !json {
         println!(
