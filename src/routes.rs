@@ -240,6 +240,8 @@ pub struct BackendSettings {
     pub read_timeout: Duration,
     pub queue_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The worker's `max_body_size`.
+    pub max_body_size: Option<u64>,
 }
 
 /// A worker as one route table sees it: its routed instances and its settings.
@@ -694,6 +696,7 @@ mod tests {
                 read_timeout: Duration::from_secs(1),
                 queue_timeout: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(1),
+                max_body_size: None,
             },
             split: None,
             shared: Arc::new(WorkerShared {

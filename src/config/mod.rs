@@ -634,6 +634,11 @@ pub struct WorkerConfig {
     pub read_timeout: Duration,
     /// Requests after which an instance is recycled (default 0: never).
     pub max_requests: u64,
+    /// The largest request body the worker gets (nginx's `client_max_body_size`): a larger
+    /// declared one is answered 413 before anything is sent to the worker, a chunked (or
+    /// HTTP/2) one that grows past it is cut there, 413 if no response had begun (default:
+    /// `defaults.max_body_size`, none; `0`: none).
+    pub max_body_size: Option<u64>,
     /// Memory above which an instance is recycled gracefully (default: none; below
     /// `resources.memory`).
     pub recycle_memory: Option<u64>,
@@ -890,6 +895,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_secs(60),
             max_requests: 0,
+            max_body_size: None,
             recycle_memory: None,
             restart: RestartPolicy {
                 backoff: Duration::from_millis(100),

@@ -166,6 +166,7 @@ pub(super) struct RawDefaults {
     pub(super) start_timeout: Option<HumanDuration>,
     pub(super) connect_timeout: Option<HumanDuration>,
     pub(super) read_timeout: Option<HumanDuration>,
+    pub(super) max_body_size: Option<HumanSize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -238,6 +239,7 @@ pub(super) struct RawWorker {
     pub(super) read_timeout: Option<HumanDuration>,
     #[serde(default)]
     pub(super) max_requests: u64,
+    pub(super) max_body_size: Option<HumanSize>,
     pub(super) recycle_memory: Option<HumanSize>,
     #[serde(default)]
     pub(super) restart: RawRestart,

@@ -10,6 +10,7 @@ pub(super) struct Defaults {
     pub(super) start_timeout: Duration,
     pub(super) connect_timeout: Duration,
     pub(super) read_timeout: Duration,
+    pub(super) max_body_size: Option<u64>,
 }
 
 impl Defaults {
@@ -23,6 +24,7 @@ impl Defaults {
             start_timeout: d.start_timeout.map_or(Duration::from_secs(30), |x| x.0),
             connect_timeout: d.connect_timeout.map_or(Duration::from_secs(2), |x| x.0),
             read_timeout: d.read_timeout.map_or(Duration::from_secs(60), |x| x.0),
+            max_body_size: d.max_body_size.map(|x| x.0).filter(|n| *n > 0),
         }
     }
 }
@@ -124,6 +126,12 @@ fn worker_from_text(
             .map_or(defaults.connect_timeout, |x| x.0),
         read_timeout: raw.read_timeout.map_or(defaults.read_timeout, |x| x.0),
         max_requests: raw.max_requests,
+        // `0` turns a default limit off.
+        max_body_size: match raw.max_body_size {
+            Some(HumanSize(0)) => None,
+            Some(HumanSize(n)) => Some(n),
+            None => defaults.max_body_size,
+        },
         recycle_memory,
         restart,
         resources,

@@ -963,6 +963,7 @@ impl Owner {
                     read_timeout: c.read_timeout,
                     queue_timeout: c.queue_timeout,
                     idle_timeout: self.config.proxy.upstream_idle_timeout,
+                    max_body_size: c.max_body_size,
                 },
                 shared: wrt.shared.clone(),
                 split: w.canary.as_ref().map(|c| crate::routes::Split {

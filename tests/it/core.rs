@@ -723,3 +723,62 @@ fn run_exits_1_naming_a_certificate_it_cannot_read() {
     );
     assert!(!env.socket().exists(), "control socket left behind");
 }
+
+/// One raw HTTP/1.1 exchange on a new connection: the status line of the answer.
+fn raw_status(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The server may answer (and close) before it read everything: a failed write is fine.
+    let _ = s.write_all(bytes);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// `max_body_size`: a declared larger body is refused with 413 before the worker sees it, a
+/// chunked one is cut at the limit with 413, and bodies within it pass.
+#[test]
+fn max_body_size_answers_413_past_the_limit() {
+    let mut env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 1, "max_body_size: 1K\n")]);
+    env.start();
+    let at_limit = vec![b'a'; 1024];
+    let r = request(env.listen, "POST", "/echo", None, &[], &at_limit).unwrap();
+    assert_eq!((r.status, r.body.len()), (200, 1024));
+    let served = env.instances("w")[0].requests;
+
+    let r = request(env.listen, "POST", "/echo", None, &[], &[b'a'; 1025]).unwrap();
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(r.body.contains("max_body_size"), "{}", r.body);
+    assert_eq!(r.header("connection"), Some("close"));
+
+    let chunked = |sizes: &[usize]| {
+        let mut b =
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for n in sizes {
+            b.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            b.extend_from_slice(&vec![b'c'; *n]);
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(b"0\r\n\r\n");
+        b
+    };
+    // Past the limit in the first read, and past it only with the second chunk.
+    assert!(raw_status(env.listen, &chunked(&[2000])).contains(" 413 "));
+    assert!(raw_status(env.listen, &chunked(&[600, 600])).contains(" 413 "));
+    assert!(raw_status(env.listen, &chunked(&[500, 500])).contains(" 200 "));
+    // The worker completed the two bodies within the limit, and nothing else.
+    wait_for("the instance's count", Duration::from_secs(5), || {
+        (env.instances("w")[0].requests == served + 1).then_some(())
+    });
+}

@@ -1038,3 +1038,58 @@ fn h2_clients_move_to_the_new_process_on_upgrade() {
     assert!(!alive(new_pid));
     env.child = None;
 }
+
+/// `max_body_size` over HTTP/2: a declared larger body is answered 413 without reaching the
+/// worker, one without content-length is cut with 413 once its DATA pass the limit, and a
+/// body within it is forwarded.
+#[test]
+fn max_body_size_answers_413_past_the_limit() {
+    let mut env = h2c_conf(&[], "");
+    let log = env.dir.path().join("rawecho.log");
+    env.write_worker(&WorkerDef::rawecho(
+        "raw",
+        "[\"/\"]",
+        &format!(
+            "max_body_size: 1K\nenv: {{ RAWECHO_LOG: \"{}\" }}\n",
+            log.display()
+        ),
+    ));
+    env.start();
+    rt().block_on(async {
+        let mut c = connect(env.listen).await;
+        let r = send(
+            &mut c,
+            request("POST", "/declared", &[("content-length", "2000")]),
+            &[b'a'; 2000],
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 413);
+        assert!(String::from_utf8_lossy(&r.body).contains("max_body_size"));
+        let mut c = connect(env.listen).await;
+        let r = send(
+            &mut c,
+            request("POST", "/streamed", &[]),
+            &[b'a'; 3000],
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 413);
+        let mut c = connect(env.listen).await;
+        let (n, v) = reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        let r = send(
+            &mut c,
+            request("POST", "/small", &[(n, &v)]),
+            &[b'a'; 1000],
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+    });
+    let seen = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    assert!(seen.contains("POST /small"), "{seen}");
+    assert!(!seen.contains("POST /declared"), "{seen}");
+}

@@ -306,6 +306,8 @@ enum Attempt {
 struct Exchange {
     req: Request,
     started: Instant,
+    /// Body bytes of a chunked request so far (its chunks' data), for `max_body_size`.
+    chunked_data: u64,
     /// A request id made here (the client sent none that could be kept).
     new_id: Option<[u8; 16]>,
     backend: Option<Arc<Backend>>,
@@ -656,6 +658,7 @@ impl Conn {
         let exchange = ex.get_or_insert_with(|| Exchange {
             req: req.clone(),
             started: Instant::now(),
+            chunked_data: 0,
             new_id: None,
             backend: None,
             status: 0,
@@ -1023,11 +1026,28 @@ impl Conn {
             return Attempt::ClientGone;
         };
         let head_len = e.req.head_len;
+        let limit = settings.max_body_size;
+        let too_large = Reject {
+            status: 413,
+            why: "request body larger than the worker's max_body_size",
+        };
         // What of the body is here already, and whether that is all of it.
         let (send_now, body_state) = {
             let avail = &inbuf.filled()[head_len..];
             match e.req.framing {
                 Framing::None | Framing::Close => (0, BodyState::Done),
+                Framing::Length(n) if limit.is_some_and(|max| n > max) => {
+                    // Declared too large: answered before a byte goes to the worker.
+                    pool::checkin(
+                        inst,
+                        up,
+                        self.engine.settings.pool_capacity,
+                        settings.idle_timeout,
+                        &self.engine.policy.routes,
+                        e.started,
+                    );
+                    return Attempt::BadBody(too_large);
+                }
                 Framing::Length(n) => {
                     let k = (n.min(avail.len() as u64)) as usize;
                     if k as u64 == n {
@@ -1038,7 +1058,22 @@ impl Conn {
                 }
                 Framing::Chunked => {
                     let mut c = Chunked::new();
-                    match c.feed(avail, |_, _| {}) {
+                    let mut data = 0u64;
+                    let fed = c.feed(avail, |a, b| data += (b - a) as u64);
+                    e.chunked_data = data;
+                    if limit.is_some_and(|max| data > max) {
+                        // Nothing was sent yet: the connection to the worker stays good.
+                        pool::checkin(
+                            inst,
+                            up,
+                            self.engine.settings.pool_capacity,
+                            settings.idle_timeout,
+                            &self.engine.policy.routes,
+                            e.started,
+                        );
+                        return Attempt::BadBody(too_large);
+                    }
+                    match fed {
                         Ok(p) if p.done => (p.consumed, BodyState::Done),
                         Ok(p) => (p.consumed, BodyState::Chunked(c)),
                         Err(err) => {
@@ -1137,15 +1172,31 @@ impl Conn {
                         *left -= k as u64;
                         (k, *left == 0)
                     }
-                    BodyState::Chunked(c) => match c.feed(avail, |_, _| {}) {
-                        Ok(p) => (p.consumed, p.done),
-                        Err(err) => {
+                    BodyState::Chunked(c) => {
+                        let mut data = 0u64;
+                        let fed = c.feed(avail, |a, b| data += (b - a) as u64);
+                        e.chunked_data += data;
+                        if backend
+                            .settings
+                            .max_body_size
+                            .is_some_and(|max| e.chunked_data > max)
+                        {
+                            // Cut here: the worker's connection (a partial body) goes.
                             return Err(Attempt::BadBody(Reject {
-                                status: 400,
-                                why: err.as_str(),
+                                status: 413,
+                                why: "request body larger than the worker's max_body_size",
                             }));
                         }
-                    },
+                        match fed {
+                            Ok(p) => (p.consumed, p.done),
+                            Err(err) => {
+                                return Err(Attempt::BadBody(Reject {
+                                    status: 400,
+                                    why: err.as_str(),
+                                }));
+                            }
+                        }
+                    }
                     BodyState::Done => (0, true),
                 };
                 backend.shared.ingress.take(send).await;

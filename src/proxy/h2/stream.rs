@@ -101,6 +101,21 @@ struct Body {
     complete: bool,
     /// A chunk's data was written and its CRLF not yet (chunked framing).
     crlf_due: bool,
+    /// DATA bytes received so far, for `max_body_size`.
+    data: u64,
+}
+
+/// Why a request body is refused with 413.
+const TOO_LARGE: &str = "request body larger than the worker's max_body_size";
+
+impl Body {
+    /// Whether the body is (or is declared) larger than `max`.
+    fn too_large(&self, max: Option<u64>) -> bool {
+        max.is_some_and(|max| match self.framing {
+            BodyFraming::Length(n) => n > max,
+            _ => self.data > max,
+        })
+    }
 }
 
 struct Stream<'c, 'h> {
@@ -132,6 +147,7 @@ pub async fn serve(c: &ConnInfo<'_>, req: http::Request<RecvStream>, respond: Se
             held: Vec::new(),
             complete: true,
             crlf_due: false,
+            data: 0,
         },
         respond,
         timer: Box::pin(tokio::time::sleep_until(started)),
@@ -306,6 +322,7 @@ impl Stream<'_, '_> {
             held,
             complete,
             crlf_due,
+            data: seen,
         } = &mut self.body;
         let mut broken = false;
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -316,6 +333,7 @@ impl Stream<'_, '_> {
                     if data.is_empty() {
                         continue;
                     }
+                    *seen += data.len() as u64;
                     if *framing == BodyFraming::Chunked {
                         let mut b = [0; 24];
                         held.extend_from_slice(head::chunk_prefix(data.len(), *crlf_due, &mut b));
@@ -365,6 +383,11 @@ impl Stream<'_, '_> {
             };
             let backend = route.backend.clone();
             self.backend = Some(backend.clone());
+            if self.body.too_large(backend.settings.max_body_size) {
+                // Declared, or already held, past the limit: nothing goes to the worker.
+                drop(slot);
+                return self.page(&ErrorPage::rejected(413, TOO_LARGE)).await;
+            }
             self.served = Some(slot.inst.clone());
             scratch.0.clear();
             self.write_head(&mut scratch.0, &route);
@@ -529,6 +552,11 @@ impl Stream<'_, '_> {
                 Some(Event::Data(Some(Ok(data)))) => {
                     if data.is_empty() {
                         continue;
+                    }
+                    body.data += data.len() as u64;
+                    if body.too_large(backend.settings.max_body_size) {
+                        // Cut here: the worker's connection (a partial body) goes.
+                        return Err(Attempt::Answer(ErrorPage::rejected(413, TOO_LARGE)));
                     }
                     let mut b = [0; 24];
                     let prefix: &[u8] = if body.framing == BodyFraming::Chunked {
