@@ -57,7 +57,7 @@ fn visible(cmd: &clap::Command) -> clap::Command {
 }
 
 /// `tqproxy completions SHELL`: the script on stdout; exit 1 if it cannot be written (a closed
-/// pipe included), never a panic.
+/// pipe ends it by SIGPIPE first, as every client verb), never a panic.
 pub fn completions(shell: Shell) -> i32 {
     let script = completion_script(shell);
     let mut stdout = std::io::stdout().lock();

@@ -235,6 +235,10 @@ pub fn dispatch(mut cli: Cli) -> i32 {
         eprintln!("--json: `run` and `top` print no result to format");
         return 2;
     }
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A closed pipe (`tqproxy status | head`) ends a client verb quietly.
+        crate::sandbox::default_sigpipe();
+    }
     match cli.command {
         Command::Run {
             watch,

@@ -66,6 +66,7 @@ use serde::{Deserialize, Serialize};
 pub use helper::helper_main;
 pub use seccomp::{DEFAULT_DENY, check_seccomp};
 pub use spawn::{SpawnIo, Spawner};
+pub use sys::default_sigpipe;
 
 /// Name of the hidden subcommand that runs [`helper_main`].
 pub const HELPER_ARG: &str = "__sandbox";

@@ -188,6 +188,15 @@ pub(crate) fn reset_signal_dispositions() {
     }
 }
 
+/// SIGPIPE back to its default (the process ends, quietly) for the CLI's client verbs: the
+/// Rust runtime ignores it, and then `tqproxy status | head` made `println!` panic on EPIPE.
+/// Never for `run`, which must see EPIPE on a client's socket as an error.
+pub fn default_sigpipe() {
+    // SAFETY: SIG_DFL installs no handler (no code runs in signal context); called from the
+    // main thread before any other thread exists that could race on the disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 /// Sets this process's CPU scheduling policy (priority 0; allowed to an unprivileged process
 /// for SCHED_OTHER, SCHED_BATCH and SCHED_IDLE).
 pub(crate) fn set_cpu_scheduling(policy: super::CpuScheduling) -> nix::Result<()> {

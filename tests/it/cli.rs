@@ -199,3 +199,28 @@ fn an_oversized_reply_is_refused_with_the_reason() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("bad response"), "{}", text(&o));
 }
+
+/// A client verb whose stdout is a closed pipe (`tqproxy check | true`) ends quietly, by
+/// SIGPIPE as other Unix tools do: it panicked in `println!` before (exit 101).
+#[test]
+fn a_closed_stdout_pipe_ends_a_verb_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new(&[WorkerDef::backend("w", "[\"/\"]", 1, "")]);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(TQPROXY)
+        .arg("-c")
+        .arg(env.conf())
+        .arg("check")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        o.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {stderr}",
+        o.status
+    );
+}
