@@ -115,6 +115,9 @@ impl ServerApp for Engine {
     }
 }
 
+/// Why a request body is refused with 413 (`max_body_size`).
+pub(crate) const TOO_LARGE: &str = "request body larger than the worker's max_body_size";
+
 /// One client connection's task, for its whole life. HTTP/2 runs boxed: the h2 connection's
 /// future is several KB, and inline it would size every HTTP/1.1 connection's task too
 /// (idle-conns measured 3 985 -> 6 096 bytes per idle connection when it was).
@@ -1029,7 +1032,7 @@ impl Conn {
         let limit = settings.max_body_size;
         let too_large = Reject {
             status: 413,
-            why: "request body larger than the worker's max_body_size",
+            why: TOO_LARGE,
         };
         // What of the body is here already, and whether that is all of it.
         let (send_now, body_state) = {
@@ -1184,7 +1187,7 @@ impl Conn {
                             // Cut here: the worker's connection (a partial body) goes.
                             return Err(Attempt::BadBody(Reject {
                                 status: 413,
-                                why: "request body larger than the worker's max_body_size",
+                                why: TOO_LARGE,
                             }));
                         }
                         match fed {

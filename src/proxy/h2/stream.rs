@@ -43,7 +43,7 @@ use crate::proxy::h1::buf::{Buf, Scratch, UPSTREAM};
 use crate::proxy::h1::parse::{self, Framing, Reject, RequestEdits};
 use crate::proxy::h1::pool::{self, Upstream};
 use crate::proxy::h1::{
-    ClientText, Relay, read_into, send_request, upstream_for, within, write_two,
+    ClientText, Relay, TOO_LARGE, read_into, send_request, upstream_for, within, write_two,
 };
 use crate::proxy::policy::{self, Attempts, ErrorPage, Failed, Failure};
 use crate::routes::{Backend, Instance, Route};
@@ -104,9 +104,6 @@ struct Body {
     /// DATA bytes received so far, for `max_body_size`.
     data: u64,
 }
-
-/// Why a request body is refused with 413.
-const TOO_LARGE: &str = "request body larger than the worker's max_body_size";
 
 impl Body {
     /// Whether the body is (or is declared) larger than `max`.
