@@ -1034,29 +1034,19 @@ impl Conn {
             status: 413,
             why: TOO_LARGE,
         };
-        // What of the body is here already, and whether that is all of it.
-        let (send_now, body_state) = {
+        // What of the body is here already, and whether that is all of it; or why the
+        // request is refused before a byte of it goes to the worker.
+        let framed = {
             let avail = &inbuf.filled()[head_len..];
             match e.req.framing {
-                Framing::None | Framing::Close => (0, BodyState::Done),
-                Framing::Length(n) if limit.is_some_and(|max| n > max) => {
-                    // Declared too large: answered before a byte goes to the worker.
-                    pool::checkin(
-                        inst,
-                        up,
-                        self.engine.settings.pool_capacity,
-                        settings.idle_timeout,
-                        &self.engine.policy.routes,
-                        e.started,
-                    );
-                    return Attempt::BadBody(too_large);
-                }
+                Framing::None | Framing::Close => Ok((0, BodyState::Done)),
+                Framing::Length(n) if limit.is_some_and(|max| n > max) => Err(too_large),
                 Framing::Length(n) => {
                     let k = (n.min(avail.len() as u64)) as usize;
                     if k as u64 == n {
-                        (k, BodyState::Done)
+                        Ok((k, BodyState::Done))
                     } else {
-                        (k, BodyState::Length(n - k as u64))
+                        Ok((k, BodyState::Length(n - k as u64)))
                     }
                 }
                 Framing::Chunked => {
@@ -1064,37 +1054,31 @@ impl Conn {
                     let mut data = 0u64;
                     let fed = c.feed(avail, |a, b| data += (b - a) as u64);
                     e.chunked_data = data;
-                    if limit.is_some_and(|max| data > max) {
-                        // Nothing was sent yet: the connection to the worker stays good.
-                        pool::checkin(
-                            inst,
-                            up,
-                            self.engine.settings.pool_capacity,
-                            settings.idle_timeout,
-                            &self.engine.policy.routes,
-                            e.started,
-                        );
-                        return Attempt::BadBody(too_large);
-                    }
                     match fed {
-                        Ok(p) if p.done => (p.consumed, BodyState::Done),
-                        Ok(p) => (p.consumed, BodyState::Chunked(c)),
-                        Err(err) => {
-                            pool::checkin(
-                                inst,
-                                up,
-                                self.engine.settings.pool_capacity,
-                                settings.idle_timeout,
-                                &self.engine.policy.routes,
-                                e.started,
-                            );
-                            return Attempt::BadBody(Reject {
-                                status: 400,
-                                why: err.as_str(),
-                            });
-                        }
+                        _ if limit.is_some_and(|max| data > max) => Err(too_large),
+                        Ok(p) if p.done => Ok((p.consumed, BodyState::Done)),
+                        Ok(p) => Ok((p.consumed, BodyState::Chunked(c))),
+                        Err(err) => Err(Reject {
+                            status: 400,
+                            why: err.as_str(),
+                        }),
                     }
                 }
+            }
+        };
+        let (send_now, body_state) = match framed {
+            Ok(f) => f,
+            Err(reject) => {
+                // Nothing was sent yet: the connection to the worker stays good.
+                pool::checkin(
+                    inst,
+                    up,
+                    self.engine.settings.pool_capacity,
+                    settings.idle_timeout,
+                    &self.engine.policy.routes,
+                    e.started,
+                );
+                return Attempt::BadBody(reject);
             }
         };
         if body_state.is_done() {
