@@ -32,7 +32,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -163,16 +163,7 @@ pub fn path(dir: &Path, worker: &str, id: u64, epoch: u64) -> Result<PathBuf, St
 /// Creates `dir` and its parent with mode 0711 (traversable by the instances' users, not
 /// listable), fixing the mode of existing ones.
 fn ensure_dir(dir: &Path) -> Result<(), String> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o711)
-        .create(dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    for d in [dir, dir.parent().unwrap_or(dir)] {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))
-            .map_err(|e| format!("cannot chmod 0711 {}: {e}", d.display()))?;
-    }
-    Ok(())
+    super::sockets::ensure_dir(dir, 0o711)
 }
 
 /// Whether a process with `uid`/`gid` (no supplementary groups: the sandbox drops them) may

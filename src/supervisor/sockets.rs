@@ -42,17 +42,17 @@ pub fn path(dir: &Path, worker: &str, id: u64, epoch: u64) -> Result<PathBuf, St
     Ok(p)
 }
 
-/// Creates `dir` (and its parent `sockets` directory) with mode 0700, fixing the mode of
-/// existing ones.
-fn ensure_dir(dir: &Path) -> Result<(), String> {
+/// Creates `dir` (and its parent, the `sockets` or `notify` directory) with `mode`, fixing the
+/// mode of existing ones.
+pub(super) fn ensure_dir(dir: &Path, mode: u32) -> Result<(), String> {
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(mode)
         .create(dir)
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     for d in [dir, dir.parent().unwrap_or(dir)] {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("cannot chmod 0700 {}: {e}", d.display()))?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot chmod {mode:04o} {}: {e}", d.display()))?;
     }
     Ok(())
 }
@@ -61,7 +61,7 @@ fn ensure_dir(dir: &Path) -> Result<(), String> {
 /// there removed first). Anything but a socket at `path` is an error, never removed.
 pub fn bind(path: &Path) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent() {
-        ensure_dir(dir)?;
+        ensure_dir(dir, 0o700)?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
